@@ -134,11 +134,12 @@ def build_corpus(bytes_per_domain: int = 400_000, val_fraction: float = 0.1, see
     _checks.finite_float("val_fraction", val_fraction, minimum=0.0, strict=True)
     if val_fraction >= 1:
         raise ValueError(f"val_fraction must be < 1, got {val_fraction}")
-    sources = {"english": english_text(), "python": python_text(bytes_per_domain),
-               "arithmetic": arithmetic_text(bytes_per_domain, seed)}
+    # Built one at a time so that a too-large request fails before the synthetic domain is generated.
+    sources = {"english": english_text, "python": lambda: python_text(bytes_per_domain),
+               "arithmetic": lambda: arithmetic_text(bytes_per_domain, seed)}
     train, val = {}, {}
     for name in DOMAINS:
-        tokens = encode(sources[name])
+        tokens = encode(sources[name]())
         if len(tokens) < bytes_per_domain:
             raise ValueError(f"bytes_per_domain must be <= {len(tokens)} (all of domain {name!r}), "
                              f"got {bytes_per_domain}")

@@ -2,7 +2,7 @@
 
 The model is GPT-2 shaped (pre-norm blocks, learned positions, tied input and output embeddings) and small
 enough to train on a laptop CPU in a minute. Each block's FFN comes from ``ffn_factory(layer_index)``: a
-dense :class:`~moe_ref.FFN` by default, an MoE layer in later chapters. The model never looks inside the
+dense :class:`~moe_ref.ffn.FFN` by default, an MoE layer in later chapters. The model never looks inside the
 FFN; the training loop collects whatever auxiliary losses it leaves behind (see :mod:`moe_ref.train`).
 """
 

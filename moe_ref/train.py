@@ -1,4 +1,4 @@
-"""A small, seeded training loop for :class:`~moe_ref.TinyTransformer` on the :class:`~moe_ref.Corpus`.
+"""A small, seeded training loop for :class:`~moe_ref.model.TinyTransformer` on the :class:`~moe_ref.data.Corpus`.
 
 It knows two optional hooks of the module in a block's FFN slot, so that sparse layers need no special
 loop:
@@ -144,7 +144,7 @@ def train(model: nn.Module, corpus: Corpus, config: TrainConfig | None = None, *
     """Train ``model`` in place with AdamW and return the :class:`History`.
 
     Args:
-        model: a :class:`~moe_ref.TinyTransformer` (anything with ``config.block_size`` whose
+        model: a :class:`~moe_ref.model.TinyTransformer` (anything with ``config.block_size`` whose
             ``forward(x, y)`` returns ``(logits, loss)``).
         corpus: the data.
         config: hyper-parameters (defaults to ``TrainConfig()``).
