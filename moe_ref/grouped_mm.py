@@ -1,0 +1,150 @@
+"""Grouped matrix multiply: one matmul per expert, over ragged groups of rows, in a single call.
+
+After the tokens of an MoE layer are sorted by expert, the rows of ``x`` ``[M, K]`` come in contiguous
+groups, group ``e`` being the tokens routed to expert ``e``. :func:`grouped_mm` multiplies each group by its
+own weight matrix ``w[e]`` ``[K, N]`` and returns the ``[M, N]`` result, rows in the same order:
+
+.. code-block:: text
+
+    out[start_e:offsets[e]] = x[start_e:offsets[e]] @ w[e]     with start_e = offsets[e-1], and start_0 = 0
+
+This is the semantics of ``torch.nn.functional.grouped_mm(x, w, offs=offsets)`` for a 2-D ``x`` and a
+3-D ``w``. Two backends compute it:
+
+* ``"loop"``: a Python loop over the experts, one ``x_e @ w[e]`` each. Readable, any dtype, any device.
+* ``"torch"``: ``torch.nn.functional.grouped_mm``, one kernel for all groups. Its kernels want strides that
+  are multiples of 16 bytes, so the inner dimension ``K`` and output dimension ``N`` are zero-padded up to
+  that alignment (zero rows and columns change no product) and the gradient arriving at its output is made
+  contiguous. It supports float32, bfloat16 and float16 on the CPU and bfloat16 on CUDA (compute
+  capability 8.0 or later); not float64.
+
+The default backend is ``"torch"`` where it supports the inputs and ``"loop"`` elsewhere.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+#: Names accepted by the ``backend`` argument of :func:`grouped_mm`.
+BACKENDS = ("loop", "torch")
+
+
+def torch_backend_available(dtype: torch.dtype, device: torch.device | str) -> bool:
+    """Whether ``torch.nn.functional.grouped_mm`` supports operands of ``dtype`` on ``device``."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    device = torch.device(device)
+    if device.type == "cpu":
+        return dtype in (torch.float32, torch.bfloat16, torch.float16)
+    if device.type == "cuda":
+        # The CUDA kernels (CUTLASS) are documented for bfloat16 on SM80 and newer.
+        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] >= 8
+    return False
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, *, backend: str | None = None
+               ) -> torch.Tensor:
+    """Multiply ragged row groups of ``x`` by per-group matrices: ``out[group e] = x[group e] @ w[e]``.
+
+    Args:
+        x: ``[M, K]`` floating point; rows sorted by group.
+        w: ``[E, K, N]``, same dtype and device as ``x``.
+        offsets: ``[E]`` integer (int32 preferred), the cumulative row ends of the groups: group ``e`` is
+            rows ``offsets[e-1]`` to ``offsets[e]`` (from row 0 for ``e == 0``). Non-decreasing, with
+            ``offsets[-1] == M``; a group may be empty.
+        backend: ``"loop"``, ``"torch"`` or ``None`` (the best available: see the module docstring).
+
+    Returns:
+        ``[M, N]`` with the dtype of ``x``; differentiable in ``x`` and ``w``.
+
+    Raises:
+        TypeError: ``x``, ``w`` or ``offsets`` of the wrong type or dtype, or the ``"torch"`` backend asked
+            for operands it does not support.
+        ValueError: wrong shapes, offsets that decrease or do not end at ``M``, an unknown backend.
+    """
+    _check_inputs(x, w, offsets)
+    if backend is None:
+        backend = "torch" if torch_backend_available(x.dtype, x.device) else "loop"
+    elif backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    if backend == "torch":
+        if not torch_backend_available(x.dtype, x.device):
+            raise TypeError(f"backend='torch' (torch.nn.functional.grouped_mm) does not support dtype "
+                            f"{x.dtype} on {x.device.type}; use backend='loop'")
+        return _grouped_mm_torch(x, w, offsets)
+    return _grouped_mm_loop(x, w, offsets)
+
+
+def _check_inputs(x, w, offsets) -> None:
+    for name, t, dim in (("x", x, 2), ("w", w, 3)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+        if t.dim() != dim:
+            raise ValueError(f"{name} must be {dim}-d, got shape {tuple(t.shape)}")
+    if x.dtype != w.dtype:
+        raise TypeError(f"x and w must have the same dtype, got x {x.dtype} and w {w.dtype}")
+    if x.device != w.device:
+        raise ValueError(f"x and w must be on the same device, got x on {x.device} and w on {w.device}")
+    if x.shape[1] != w.shape[1]:
+        raise ValueError(f"inner dimensions differ: x is {tuple(x.shape)} (K={x.shape[1]}) but w is "
+                         f"{tuple(w.shape)} (K={w.shape[1]}); w must be [E, K, N]")
+    if not isinstance(offsets, torch.Tensor):
+        raise TypeError(f"offsets must be a torch.Tensor, got {type(offsets).__name__}")
+    if offsets.is_floating_point() or offsets.is_complex() or offsets.dtype == torch.bool:
+        raise TypeError(f"offsets must be an integer tensor (int32), got dtype {offsets.dtype}")
+    if offsets.dim() != 1 or offsets.numel() != w.shape[0]:
+        raise ValueError(f"offsets must have shape [E] = [{w.shape[0]}] (one row end per group of w), "
+                         f"got shape {tuple(offsets.shape)}")
+    if offsets.numel() == 0:
+        raise ValueError("w must have at least one group (E >= 1)")
+    ends = offsets.tolist()  # one small host copy; the loop backend needs the values anyway
+    starts = [0] + ends[:-1]
+    if any(end < start for start, end in zip(starts, ends)):
+        raise ValueError(f"offsets must be non-negative and non-decreasing (cumulative row ends), got {ends}")
+    if ends[-1] != x.shape[0]:
+        raise ValueError(f"offsets[-1] must equal the number of rows of x, M={x.shape[0]}, got {ends[-1]}")
+
+
+def _grouped_mm_loop(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Reference: one ordinary matmul per group, outputs concatenated in row order."""
+    outputs, start = [], 0
+    for e, end in enumerate(offsets.tolist()):
+        outputs.append(x[start:end] @ w[e])  # an empty group gives a [0, N] block
+        start = end
+    return torch.cat(outputs, dim=0)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous.
+
+    The kernels behind ``F.grouped_mm`` reject gradients with zero or unaligned strides, such as the
+    expanded ones that ``out.sum().backward()`` produces.
+    """
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def _grouped_mm_torch(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``torch.nn.functional.grouped_mm`` with ``K`` and ``N`` zero-padded to 16-byte strides."""
+    K, N = w.shape[1], w.shape[2]
+    if x.shape[0] == 0:  # nothing to multiply; the kernel's backward rejects the strides of empty gradients
+        return _grouped_mm_loop(x, w, offsets)
+    align = max(1, 16 // x.element_size())
+    pad_k, pad_n = -K % align, -N % align
+    if pad_k:  # zero columns of x meet zero rows of w: the product is unchanged
+        x = F.pad(x, (0, pad_k))
+        w = F.pad(w, (0, 0, 0, pad_k))
+    if pad_n:  # extra zero output columns, sliced off below
+        w = F.pad(w, (0, pad_n))
+    out = F.grouped_mm(x.contiguous(), w.contiguous(), offs=offsets.to(device=x.device, dtype=torch.int32))
+    out = _ContiguousGrad.apply(out)
+    return out[:, :N] if pad_n else out

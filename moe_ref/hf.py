@@ -1,0 +1,136 @@
+"""Build a :class:`~moe_ref.moe.MoE` equivalent to a ``transformers`` MoE block, with its weights copied.
+
+Supported blocks (``transformers`` 5.x, whose experts are stored as fused 3-D parameters
+``gate_up_proj`` ``[E, 2 * d_hidden, d_model]`` and ``down_proj`` ``[E, d_model, d_hidden]``):
+
+==========================  ======================================================================
+block class                 routing
+==========================  ======================================================================
+``MixtralSparseMoeBlock``   softmax, top-k, renormalised (Jiang et al. 2024)
+``Qwen2MoeSparseMoeBlock``  softmax, top-k, ``norm_topk_prob``; one shared expert with a sigmoid gate
+``Qwen3MoeSparseMoeBlock``  softmax, top-k, ``norm_topk_prob``
+``OlmoeSparseMoeBlock``     softmax, top-k, ``norm_topk_prob``
+``DeepseekV3MoE``           sigmoid, selection bias, group-limited, scaled; ``n_shared_experts`` shared
+==========================  ======================================================================
+
+``transformers`` is imported only by :func:`from_hf`, never by ``import moe_ref``. The MoE returned is in
+training mode like any new module, has the dtype and device of the block's expert weights, and has all
+auxiliary-loss coefficients at 0 (``aux_loss`` is ``None``): set them on ``moe.loss_coefs`` to train with
+them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .moe import MoE
+
+#: ``transformers`` activation names and the gated activation of :mod:`moe_ref.ffn` they give in an expert.
+_GATED_ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", "gelu": "geglu", "relu": "reglu"}
+
+_SOFTMAX_BLOCKS = ("MixtralSparseMoeBlock", "Qwen2MoeSparseMoeBlock", "Qwen3MoeSparseMoeBlock",
+                   "OlmoeSparseMoeBlock")
+#: Class names of the blocks :func:`from_hf` converts.
+SUPPORTED = (*_SOFTMAX_BLOCKS, "DeepseekV3MoE")
+
+
+def _block_class(module: nn.Module):
+    """The ``transformers`` class of ``module`` among :data:`SUPPORTED` (by exact class, not by name only)."""
+    name = type(module).__name__
+    if name not in SUPPORTED:
+        return None
+    from transformers.models.deepseek_v3 import modeling_deepseek_v3
+    from transformers.models.mixtral import modeling_mixtral
+    from transformers.models.olmoe import modeling_olmoe
+    from transformers.models.qwen2_moe import modeling_qwen2_moe
+    from transformers.models.qwen3_moe import modeling_qwen3_moe
+
+    for mod in (modeling_mixtral, modeling_qwen2_moe, modeling_qwen3_moe, modeling_olmoe, modeling_deepseek_v3):
+        cls = getattr(mod, name, None)
+        if cls is not None and isinstance(module, cls):
+            return name
+    return None
+
+
+def _activation(config) -> str:
+    act = getattr(config, "hidden_act", None)
+    if act not in _GATED_ACTIVATIONS:
+        raise ValueError(f"hidden_act={act!r} is not supported; expected one of {tuple(_GATED_ACTIVATIONS)}")
+    return _GATED_ACTIVATIONS[act]
+
+
+@torch.no_grad()
+def _copy_experts(moe: MoE, experts: nn.Module) -> None:
+    """``gate_up_proj`` ``[E, 2I, H]`` (gate rows first) and ``down_proj`` ``[E, H, I]`` -> our ``[E, in, out]``."""
+    gate_up, down = experts.gate_up_proj, experts.down_proj
+    if getattr(experts, "is_transposed", False) or not getattr(experts, "is_concatenated", True):
+        raise ValueError("only the concatenated, non-transposed gate_up_proj layout is supported")
+    d_hidden = moe.d_hidden
+    if gate_up.shape != (moe.num_experts, 2 * d_hidden, moe.d_model) or down.shape != (moe.num_experts, moe.d_model,
+                                                                                          d_hidden):
+        raise ValueError(f"unexpected expert weight shapes gate_up_proj {tuple(gate_up.shape)}, down_proj "
+                         f"{tuple(down.shape)}")
+    moe.experts.w_in.copy_(gate_up[:, :d_hidden, :].transpose(1, 2))
+    moe.experts.w_up.copy_(gate_up[:, d_hidden:, :].transpose(1, 2))
+    moe.experts.w_out.copy_(down.transpose(1, 2))
+
+
+@torch.no_grad()
+def _copy_mlp(ffn: nn.Module, mlp: nn.Module) -> None:
+    """A ``transformers`` gated MLP (``gate_proj``, ``up_proj``, ``down_proj`` Linears) into an :class:`FFN`."""
+    ffn.w_in.weight.copy_(mlp.gate_proj.weight)
+    ffn.w_up.weight.copy_(mlp.up_proj.weight)
+    ffn.w_out.weight.copy_(mlp.down_proj.weight)
+
+
+def from_hf(block: nn.Module) -> MoE:
+    """A :class:`~moe_ref.moe.MoE` that computes the same function as the ``transformers`` MoE ``block``.
+
+    Args:
+        block: one of the blocks in :data:`~moe_ref.hf.SUPPORTED` (e.g. ``model.model.layers[i].mlp``).
+
+    Returns:
+        A new :class:`~moe_ref.moe.MoE` with copied weights (and, for DeepSeek-V3, the selection bias), with the
+        block's dtype and device. Forward and backward agree with the block's to float rounding; the order
+        in which a token's ``k`` expert outputs are summed may differ.
+
+    Raises:
+        TypeError: ``block`` is not a supported ``transformers`` MoE block.
+        ValueError: a supported block with a configuration this library cannot express (an activation other
+            than silu, gelu or relu; Mixtral's router jitter noise).
+    """
+    if not isinstance(block, nn.Module):
+        raise TypeError(f"block must be a torch.nn.Module, got {type(block).__name__}")
+    name = _block_class(block)
+    if name is None:
+        raise TypeError(f"from_hf does not support {type(block).__name__}; supported blocks: {SUPPORTED}")
+    experts, gate = block.experts, block.gate
+    config = experts.config
+    num_experts, d_model = gate.weight.shape
+    d_hidden = experts.down_proj.shape[-1]
+    common = dict(activation=_activation(config), balance_coef=0.0)
+    if name in _SOFTMAX_BLOCKS:
+        if getattr(block, "jitter_noise", 0.0):
+            raise ValueError(f"router_jitter_noise={block.jitter_noise} (Mixtral input jitter) is not supported")
+        norm = getattr(gate, "norm_topk_prob", True)  # Mixtral always renormalises
+        shared = getattr(block, "shared_expert", None)
+        if shared is not None:
+            common.update(n_shared=1, d_shared=shared.gate_proj.out_features, shared_gate=True)
+        moe = MoE(d_model, d_hidden, num_experts, gate.top_k, router="softmax", norm_topk_prob=bool(norm), **common)
+        if shared is not None:
+            _copy_mlp(moe.shared, shared)
+            moe.shared_gate.weight.data.copy_(block.shared_expert_gate.weight)
+    else:  # DeepseekV3MoE
+        n_shared = config.n_shared_experts
+        moe = MoE(d_model, d_hidden, num_experts, gate.top_k, router="sigmoid", n_group=gate.num_group,
+                  topk_group=gate.topk_group, routed_scaling_factor=float(gate.routed_scaling_factor),
+                  norm_topk_prob=bool(gate.norm_topk_prob), n_shared=n_shared,
+                  d_shared=block.shared_experts.gate_proj.out_features // n_shared, **common)
+        _copy_mlp(moe.shared, block.shared_experts)
+        moe.router.expert_bias.copy_(gate.e_score_correction_bias)
+    moe.to(device=experts.down_proj.device, dtype=experts.down_proj.dtype)
+    with torch.no_grad():
+        moe.router.gate.weight.copy_(gate.weight)
+        _copy_experts(moe, experts)
+    return moe
