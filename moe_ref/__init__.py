@@ -24,6 +24,8 @@ from .losses import load_balancing_loss, router_z_loss, sequence_balance_loss
 from .moe import DispatchPlan, Experts, MoE
 from .routing import (ExpertChoiceRouter, NoisyTopKRouter, Router, Routing, SigmoidRouter, TopKRouter,
                       expert_choice, expert_choice_capacity, make_router, sigmoid_grouped_topk, softmax_topk)
+from .capacity import CAPACITY_GROUPS, DROP_PRIORITIES, apply_capacity, expert_capacity, queue_positions
+from .dispatch import buffer_slots, dispatch_tensors, experts_padded, moe_einsum, moe_padded
 
 __version__ = "0.1.0"
 
@@ -35,4 +37,6 @@ __all__ = [
     "Routing", "Router", "TopKRouter", "NoisyTopKRouter", "SigmoidRouter", "ExpertChoiceRouter", "make_router",
     "softmax_topk", "sigmoid_grouped_topk", "expert_choice", "expert_choice_capacity",
     "load_balancing_loss", "router_z_loss", "sequence_balance_loss",
+    "expert_capacity", "queue_positions", "apply_capacity", "CAPACITY_GROUPS", "DROP_PRIORITIES",
+    "buffer_slots", "dispatch_tensors", "experts_padded", "moe_einsum", "moe_padded",
 ]

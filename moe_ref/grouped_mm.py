@@ -18,7 +18,8 @@ This is the semantics of ``torch.nn.functional.grouped_mm(x, w, offs=offsets)`` 
   contiguous. It supports float32, bfloat16 and float16 on the CPU and bfloat16 on CUDA (compute
   capability 8.0 or later); not float64.
 
-The default backend is ``"torch"`` where it supports the inputs and ``"loop"`` elsewhere.
+The default backend is ``"torch"`` where it supports the inputs and ``"loop"`` elsewhere. A ``"triton"``
+backend (a kernel written in the book) is planned; backends are dispatched by name in :func:`grouped_mm`.
 """
 
 from __future__ import annotations
@@ -64,6 +65,14 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, *, backe
         ValueError: wrong shapes, offsets that decrease or do not end at ``M``, an unknown backend.
     """
     _check_inputs(x, w, offsets)
+    return _grouped_mm(x, w, offsets, backend)
+
+
+def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, backend: str | None) -> torch.Tensor:
+    """:func:`grouped_mm` without the input checks, for callers that built ``offsets`` themselves.
+
+    The checks read the offsets on the host (``offsets.tolist()``), a device synchronisation on a GPU.
+    """
     if backend is None:
         backend = "torch" if torch_backend_available(x.dtype, x.device) else "loop"
     elif backend not in BACKENDS:

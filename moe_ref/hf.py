@@ -1,17 +1,35 @@
 """Build a :class:`~moe_ref.moe.MoE` equivalent to a ``transformers`` MoE block, with its weights copied.
 
-Supported blocks (``transformers`` 5.x, whose experts are stored as fused 3-D parameters
+Supported blocks (``transformers`` 5.x; apart from Switch, the experts are stored as fused 3-D parameters
 ``gate_up_proj`` ``[E, 2 * d_hidden, d_model]`` and ``down_proj`` ``[E, d_model, d_hidden]``):
 
-==========================  ======================================================================
-block class                 routing
-==========================  ======================================================================
-``MixtralSparseMoeBlock``   softmax, top-k, renormalised (Jiang et al. 2024)
-``Qwen2MoeSparseMoeBlock``  softmax, top-k, ``norm_topk_prob``; one shared expert with a sigmoid gate
-``Qwen3MoeSparseMoeBlock``  softmax, top-k, ``norm_topk_prob``
-``OlmoeSparseMoeBlock``     softmax, top-k, ``norm_topk_prob``
-``DeepseekV3MoE``           sigmoid, selection bias, group-limited, scaled; ``n_shared_experts`` shared
-==========================  ======================================================================
+=================================  ===============================================================
+block class                        routing
+=================================  ===============================================================
+``MixtralSparseMoeBlock``          softmax, top-k, renormalised (Jiang et al. 2024)
+``Qwen2MoeSparseMoeBlock``         softmax, top-k, ``norm_topk_prob``; one shared expert with a
+                                   sigmoid gate
+``Qwen3MoeSparseMoeBlock``         softmax, top-k, ``norm_topk_prob``
+``OlmoeSparseMoeBlock``            softmax, top-k, ``norm_topk_prob``
+``DeepseekV3MoE``                  sigmoid, selection bias, group-limited, scaled;
+                                   ``n_shared_experts`` shared
+``SwitchTransformersSparseMLP``    softmax, top-1, weight = the probability, capacity
+                                   ``expert_capacity`` per sequence (Fedus et al. 2022)
+=================================  ===============================================================
+
+Switch (``transformers`` 5.x ``SwitchTransformersSparseMLP``): the router computes its logits in
+``router_dtype`` (only ``"float32"`` is accepted), takes the argmax expert, and keeps a token only while the
+running count (``cumsum`` over the positions of the sequence) of tokens sent to that expert is at most
+``expert_capacity``: position priority, capacity per sequence. The expert output is multiplied by the
+router probability (not renormalised). A dropped token is skipped by the experts loop, so the block returns
+**zeros** for it (the residual connection of ``SwitchTransformersLayerFF`` carries it); older
+``transformers`` versions returned the unchanged hidden state scaled by the router probability instead. The
+converted MoE is ``MoE(..., k=1, router="softmax", norm_topk_prob=False, capacity=expert_capacity,
+capacity_group="sequence", drop_priority="position")``, which drops the same tokens and returns the same
+zeros. The experts are plain (``wi``, activation, ``wo``, no gate): ``dense_act_fn`` ``"relu"``, ``"gelu"``
+or ``"silu"``. The router's input jitter (``router_jitter_noise``, on by default in the config) and a router
+bias are refused; the dropout inside the experts (``dropout_rate``, training mode only) is not reproduced,
+so the two agree in eval mode, or in training mode with ``dropout_rate=0``.
 
 ``transformers`` is imported only by :func:`from_hf`, never by ``import moe_ref``. The MoE returned is in
 training mode like any new module, has the dtype and device of the block's expert weights, and has all
@@ -22,6 +40,7 @@ them.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .moe import MoE
@@ -32,7 +51,7 @@ _GATED_ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", "gelu": "geglu", "rel
 _SOFTMAX_BLOCKS = ("MixtralSparseMoeBlock", "Qwen2MoeSparseMoeBlock", "Qwen3MoeSparseMoeBlock",
                    "OlmoeSparseMoeBlock")
 #: Class names of the blocks :func:`from_hf` converts.
-SUPPORTED = (*_SOFTMAX_BLOCKS, "DeepseekV3MoE")
+SUPPORTED = (*_SOFTMAX_BLOCKS, "DeepseekV3MoE", "SwitchTransformersSparseMLP")
 
 
 def _block_class(module: nn.Module):
@@ -45,8 +64,10 @@ def _block_class(module: nn.Module):
     from transformers.models.olmoe import modeling_olmoe
     from transformers.models.qwen2_moe import modeling_qwen2_moe
     from transformers.models.qwen3_moe import modeling_qwen3_moe
+    from transformers.models.switch_transformers import modeling_switch_transformers
 
-    for mod in (modeling_mixtral, modeling_qwen2_moe, modeling_qwen3_moe, modeling_olmoe, modeling_deepseek_v3):
+    for mod in (modeling_mixtral, modeling_qwen2_moe, modeling_qwen3_moe, modeling_olmoe, modeling_deepseek_v3,
+                modeling_switch_transformers):
         cls = getattr(mod, name, None)
         if cls is not None and isinstance(module, cls):
             return name
@@ -84,6 +105,44 @@ def _copy_mlp(ffn: nn.Module, mlp: nn.Module) -> None:
     ffn.w_out.weight.copy_(mlp.down_proj.weight)
 
 
+def _plain_activation(act: nn.Module) -> str:
+    """The name of a plain activation module, found by evaluating it (``transformers`` has many classes)."""
+    probe = torch.linspace(-4.0, 4.0, 81, dtype=torch.float64)
+    with torch.no_grad():
+        value = act(probe)
+    for name, fn in (("relu", F.relu), ("gelu", F.gelu), ("silu", F.silu)):
+        if torch.allclose(value, fn(probe), rtol=0.0, atol=1e-12):
+            return name
+    raise ValueError(f"expert activation {act!r} is not supported; expected relu, gelu (exact) or silu")
+
+
+def _from_switch(block: nn.Module) -> MoE:
+    """``SwitchTransformersSparseMLP`` -> top-1 softmax :class:`~moe_ref.moe.MoE` with Switch's capacity."""
+    router = block.router
+    if router.dtype != torch.float32:
+        raise ValueError(f"router_dtype={router.dtype} is not supported; the MoE router computes in float32")
+    if router.jitter_noise:
+        raise ValueError(f"router_jitter_noise={router.jitter_noise} (Switch input jitter) is not supported; "
+                         "set block.router.jitter_noise = 0")
+    if router.classifier.bias is not None:
+        raise ValueError("router_bias=True is not supported: the MoE router's gate has no bias")
+    experts = [block.experts[f"expert_{e}"] for e in range(router.num_experts)]
+    if any(e.wi.bias is not None or e.wo.bias is not None for e in experts):
+        raise ValueError("experts with biases are not supported")
+    d_hidden, d_model = experts[0].wi.weight.shape
+    moe = MoE(d_model, d_hidden, router.num_experts, 1, activation=_plain_activation(experts[0].act),
+              router="softmax", norm_topk_prob=False, capacity=router.expert_capacity, capacity_group="sequence",
+              drop_priority="position", balance_coef=0.0)
+    weight = experts[0].wi.weight
+    moe.to(device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        moe.router.gate.weight.copy_(router.classifier.weight)
+        for e, expert in enumerate(experts):
+            moe.experts.w_in[e].copy_(expert.wi.weight.t())
+            moe.experts.w_out[e].copy_(expert.wo.weight.t())
+    return moe
+
+
 def from_hf(block: nn.Module) -> MoE:
     """A :class:`~moe_ref.moe.MoE` that computes the same function as the ``transformers`` MoE ``block``.
 
@@ -98,13 +157,16 @@ def from_hf(block: nn.Module) -> MoE:
     Raises:
         TypeError: ``block`` is not a supported ``transformers`` MoE block.
         ValueError: a supported block with a configuration this library cannot express (an activation other
-            than silu, gelu or relu; Mixtral's router jitter noise).
+            than silu, gelu or relu; Mixtral's or Switch's router jitter noise; Switch's router bias or a
+            ``router_dtype`` other than float32).
     """
     if not isinstance(block, nn.Module):
         raise TypeError(f"block must be a torch.nn.Module, got {type(block).__name__}")
     name = _block_class(block)
     if name is None:
         raise TypeError(f"from_hf does not support {type(block).__name__}; supported blocks: {SUPPORTED}")
+    if name == "SwitchTransformersSparseMLP":
+        return _from_switch(block)
     experts, gate = block.experts, block.gate
     config = experts.config
     num_experts, d_model = gate.weight.shape

@@ -60,7 +60,15 @@ class Routing:
             ``router_scores`` for softmax routers.
         tokens_per_expert: ``[E]`` int64, the number of (token, expert) assignments of each expert.
         mask: ``[T, k]`` bool, which slots are real assignments; ``None`` when all are.
-        capacity: tokens per expert of expert-choice routing; ``None`` for token choice.
+        capacity: tokens per expert of expert-choice routing, or slots per expert and group of a
+            capacity-limited token-choice routing (:func:`~moe_ref.capacity.apply_capacity`); ``None`` for
+            dropless token choice.
+        dropped: ``[T, k]`` bool, the pairs the router chose but a capacity limit dropped (their combine
+            weight is 0 and ``mask`` is false); ``None`` when no capacity limit was applied.
+        positions: ``[T, k]`` int64, the slot of each kept pair in its expert's buffer for its group, ``-1``
+            for a dropped pair (:func:`~moe_ref.capacity.queue_positions`); ``None`` without a capacity limit.
+        group_size: tokens per capacity group (the sequence length, or ``T``); ``None`` without a capacity
+            limit.
     """
 
     expert_indices: torch.Tensor
@@ -71,6 +79,9 @@ class Routing:
     tokens_per_expert: torch.Tensor
     mask: torch.Tensor | None = None
     capacity: int | None = None
+    dropped: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+    group_size: int | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -86,6 +97,24 @@ class Routing:
     def k(self) -> int:
         """The number of slots per token (experts per token for token choice, ``E`` for expert choice)."""
         return self.expert_indices.shape[1]
+
+    @property
+    def num_dropped(self) -> int:
+        """Number of (token, expert) pairs dropped by a capacity limit (0 without one)."""
+        return 0 if self.dropped is None else int(self.dropped.sum())
+
+    @property
+    def drop_rate(self) -> float:
+        """Fraction of the ``T * k`` chosen pairs dropped by a capacity limit (0.0 without one or without tokens)."""
+        pairs = self.expert_indices.numel()
+        return self.num_dropped / pairs if self.dropped is not None and pairs else 0.0
+
+    @property
+    def kept_per_expert(self) -> torch.Tensor:
+        """``[E]`` int64, the pairs each expert actually processes (``tokens_per_expert`` minus drops)."""
+        if self.mask is None:
+            return self.tokens_per_expert
+        return _count(self.expert_indices, self.num_experts, self.mask)
 
     def assignments(self):
         """The real (token, expert, weight) assignments, flattened token-major.
