@@ -45,9 +45,9 @@ def load_balancing_loss(router_probs: torch.Tensor, expert_indices: torch.Tensor
 
     ``f_i`` is the fraction of the ``T * k`` (token, expert) assignments that go to expert ``i`` and ``P_i``
     the mean router probability of expert ``i`` over the ``T`` tokens. Both sum to 1 over the experts, so the
-    loss is 1 when both are uniform (``1/E`` each) and grows as routing concentrates; its minimum over ``P`` for
-    a fixed ``f`` is reached when probability follows load. ``f`` is a count and carries no gradient; the
-    gradient flows through ``P`` (Fedus et al. 2022).
+    loss is 1 when both are uniform (``1/E`` each) and grows as routing concentrates. ``f`` is a count and
+    carries no gradient; the gradient flows through ``P`` (Fedus et al. 2022): ``d loss / d P_i = E * f_i``, so
+    router probability is pushed away from each expert in proportion to its load.
 
     ``transformers``' ``load_balancing_loss_func`` (Mixtral, Qwen-MoE, OLMoE) divides the counts by ``T``
     instead of ``T * k``, so its ``f`` sums to ``k`` and it equals ``k`` times this loss (``k`` at balance):
