@@ -16,8 +16,9 @@ for a group of ``S`` tokens routed to ``k`` of ``E`` experts each. ``S * k / E``
 under perfect balance, so ``capacity_factor = 1`` leaves no slack and ``capacity_factor = E / k`` can never
 drop anything. It is the formula of :func:`~moe_ref.routing.expert_choice_capacity`, so a capacity factor
 means the same number of slots per expert for token choice and for expert choice (Zhou et al. 2022). The
-codebases differ: Mesh-TensorFlow's and Flaxformer's Switch leave ``k`` out (``ceil(cf * S / E)``, with
-``k = 1`` the same), MegaBlocks (Gale et al. 2023) rounds down; keeping ``k`` makes ``capacity_factor``
+codebases differ: Mesh-TensorFlow leaves ``k`` out and rounds down (``min(S, int(cf * S / E))``), Flaxformer
+leaves ``k`` out and rounds to nearest (``int(round(cf * S / E))``, at least 4), MegaBlocks (Gale et al.
+2023) rounds down; keeping ``k`` makes ``capacity_factor``
 independent of ``k``, and rounding up never gives a capacity below the balanced load. ``C`` never exceeds
 ``S``: a token picks an expert at most once, so an expert cannot receive more than ``S`` pairs from a group.
 

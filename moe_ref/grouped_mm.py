@@ -9,26 +9,70 @@ own weight matrix ``w[e]`` ``[K, N]`` and returns the ``[M, N]`` result, rows in
     out[start_e:offsets[e]] = x[start_e:offsets[e]] @ w[e]     with start_e = offsets[e-1], and start_0 = 0
 
 This is the semantics of ``torch.nn.functional.grouped_mm(x, w, offs=offsets)`` for a 2-D ``x`` and a
-3-D ``w``. Two backends compute it:
+3-D ``w``. Three backends compute it:
 
 * ``"loop"``: a Python loop over the experts, one ``x_e @ w[e]`` each. Readable, any dtype, any device.
+* ``"triton"``: the Triton kernel of chapter 6 (``moe_ref.triton_gmm.grouped_mm_triton``): a device-side
+  tile schedule over (expert, row block, column block), float32 accumulation; float32, float16 and bfloat16
+  on CUDA, or float32 and float16 CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1`` set before
+  the kernels are imported). ``moe_ref.triton_gmm``, and so ``triton``, is imported only when this backend
+  is used.
 * ``"torch"``: ``torch.nn.functional.grouped_mm``, one kernel for all groups. Its kernels want strides that
   are multiples of 16 bytes, so the inner dimension ``K`` and output dimension ``N`` are zero-padded up to
   that alignment (zero rows and columns change no product) and the gradient arriving at its output is made
   contiguous. It supports float32, bfloat16 and float16 on the CPU and bfloat16 on CUDA (compute
   capability 8.0 or later); not float64.
 
-The default backend is ``"torch"`` where it supports the inputs and ``"loop"`` elsewhere. A ``"triton"``
-backend (a kernel written in the book) is planned; backends are dispatched by name in :func:`grouped_mm`.
+The default backend is ``"triton"`` on a CUDA GPU of compute capability 8.0 or later (Ampere, Hopper) when
+``triton`` is installed and the dtype is float32, float16 or bfloat16; else ``"torch"`` where it supports the
+inputs, and ``"loop"`` elsewhere. On the CPU the default is never ``"triton"``. Backends are dispatched by
+name in :func:`grouped_mm`.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import torch
 import torch.nn.functional as F
 
-#: Names accepted by the ``backend`` argument of :func:`grouped_mm`.
+#: The backends that run wherever torch does (the CPU included, without Triton's interpreter).
 BACKENDS = ("loop", "torch")
+#: Every name accepted by the ``backend`` argument of :func:`grouped_mm`: :data:`BACKENDS` and ``"triton"``.
+ALL_BACKENDS = BACKENDS + ("triton",)
+
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def triton_installed() -> bool:
+    """Whether the ``triton`` package can be imported (checked without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_backend_available(dtype: torch.dtype, device: torch.device | str) -> bool:
+    """Whether the ``"triton"`` backend can run operands of ``dtype`` on ``device``.
+
+    True for float32, float16 and bfloat16 when ``triton`` is installed and ``device`` is a CUDA device;
+    for float32 and float16 on the CPU when Triton's interpreter is on (``TRITON_INTERPRET=1``). The
+    interpreter's ``tl.dot`` gives wrong results for bfloat16, so bfloat16 on the CPU is refused.
+    """
+    if dtype not in _TRITON_DTYPES or not triton_installed():
+        return False
+    device = torch.device(device)
+    if device.type == "cuda":
+        return True
+    return (device.type == "cpu" and dtype != torch.bfloat16
+            and os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+def default_backend(dtype: torch.dtype, device: torch.device | str) -> str:
+    """The backend :func:`grouped_mm` uses when none is given (see the module docstring)."""
+    device = torch.device(device)
+    if (device.type == "cuda" and triton_backend_available(dtype, device)
+            and torch.cuda.get_device_capability(device)[0] >= 8):
+        return "triton"
+    return "torch" if torch_backend_available(dtype, device) else "loop"
 
 
 def torch_backend_available(dtype: torch.dtype, device: torch.device | str) -> bool:
@@ -54,14 +98,17 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, *, backe
         offsets: ``[E]`` integer (int32 preferred), the cumulative row ends of the groups: group ``e`` is
             rows ``offsets[e-1]`` to ``offsets[e]`` (from row 0 for ``e == 0``). Non-decreasing, with
             ``offsets[-1] == M``; a group may be empty.
-        backend: ``"loop"``, ``"torch"`` or ``None`` (the best available: see the module docstring).
+        backend: ``"loop"``, ``"torch"``, ``"triton"`` or ``None`` (the best available: see the module
+            docstring).
 
     Returns:
         ``[M, N]`` with the dtype of ``x``; differentiable in ``x`` and ``w``.
 
     Raises:
-        TypeError: ``x``, ``w`` or ``offsets`` of the wrong type or dtype, or the ``"torch"`` backend asked
-            for operands it does not support.
+        TypeError: ``x``, ``w`` or ``offsets`` of the wrong type or dtype, or the ``"torch"`` or
+            ``"triton"`` backend asked for operands it does not support.
+        RuntimeError: ``backend="triton"`` without ``triton`` installed, or on the CPU without Triton's
+            interpreter.
         ValueError: wrong shapes, offsets that decrease or do not end at ``M``, an unknown backend.
     """
     _check_inputs(x, w, offsets)
@@ -74,15 +121,36 @@ def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, backend
     The checks read the offsets on the host (``offsets.tolist()``), a device synchronisation on a GPU.
     """
     if backend is None:
-        backend = "torch" if torch_backend_available(x.dtype, x.device) else "loop"
-    elif backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+        backend = default_backend(x.dtype, x.device)
+    elif backend not in ALL_BACKENDS:
+        raise ValueError(f"backend must be one of {ALL_BACKENDS} or None, got {backend!r}")
+    if backend == "triton":
+        return _grouped_mm_triton(x, w, offsets)
     if backend == "torch":
         if not torch_backend_available(x.dtype, x.device):
             raise TypeError(f"backend='torch' (torch.nn.functional.grouped_mm) does not support dtype "
                             f"{x.dtype} on {x.device.type}; use backend='loop'")
         return _grouped_mm_torch(x, w, offsets)
     return _grouped_mm_loop(x, w, offsets)
+
+
+def _grouped_mm_triton(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """The ``"triton"`` backend; imports ``moe_ref.triton_gmm`` (and ``triton``) on first use."""
+    if not triton_installed():
+        raise RuntimeError("backend='triton' needs the triton package (pip install triton; Linux wheels), "
+                           "which is not installed; use backend='torch' or 'loop'")
+    if x.dtype not in _TRITON_DTYPES:
+        raise TypeError(f"backend='triton' supports float32, float16 and bfloat16, got dtype {x.dtype}; "
+                        f"use backend='loop'")
+    if x.device.type == "cpu" and x.dtype == torch.bfloat16:
+        raise TypeError("backend='triton' on the CPU (Triton's interpreter) does not support bfloat16: the "
+                        "interpreter's tl.dot gives wrong results for it; use float32 or float16, or a GPU")
+    if x.device.type != "cuda" and not triton_backend_available(x.dtype, x.device):
+        raise RuntimeError(f"backend='triton' runs on CUDA tensors, or on CPU tensors under Triton's interpreter "
+                           f"(set TRITON_INTERPRET=1 before importing moe_ref.triton_gmm); got {x.device.type} "
+                           f"tensors without it")
+    from .triton_gmm import grouped_mm_triton
+    return grouped_mm_triton(x, w, offsets)
 
 
 def _check_inputs(x, w, offsets) -> None:

@@ -36,7 +36,7 @@ from .capacity import CAPACITY_GROUPS, DROP_PRIORITIES, apply_capacity, expert_c
 from .counting import MoEParams, moe_flops, moe_params
 from .ffn import FFN, activation_fn
 from .dispatch import moe_einsum, moe_padded
-from .grouped_mm import BACKENDS, _grouped_mm, grouped_mm
+from .grouped_mm import ALL_BACKENDS, _grouped_mm, grouped_mm
 from .losses import load_balancing_loss, router_z_loss, sequence_balance_loss
 from .routing import ROUTERS, Routing, make_router
 
@@ -212,8 +212,8 @@ class MoE(nn.Module):
         capacity: token-choice routers: an explicit capacity per expert and group, instead of
             ``capacity_factor`` (e.g. Switch's ``expert_capacity``).
         min_capacity: token-choice routers: a floor on the capacity (default 0; DeepSpeed-MoE uses 4).
-        capacity_group: token-choice routers with a capacity: count it per ``"sequence"`` (default; as
-            Switch) or over the whole ``"batch"`` of the forward call.
+        capacity_group: token-choice routers with a capacity: count it per ``"sequence"`` (default; as the
+            ``transformers`` port of Switch) or over the whole ``"batch"`` of the forward call.
         drop_priority: token-choice routers with a capacity: which pairs an expert serves first,
             ``"position"`` (default), ``"choice"`` (GShard) or ``"score"`` (V-MoE's batch-prioritised routing;
             see :mod:`moe_ref.capacity`).
@@ -234,7 +234,8 @@ class MoE(nn.Module):
             ``"einsum"`` (GShard's one-hot dispatch and combine, padded ``bmm`` experts) or ``"padded"``
             (index dispatch into the same padded buffers); see :mod:`moe_ref.dispatch`. All compute the
             same function.
-        backend: grouped matmul backend, ``"loop"``, ``"torch"`` or ``None`` for the best available.
+        backend: grouped matmul backend, ``"loop"``, ``"torch"``, ``"triton"`` or ``None`` for the best
+            available (see :mod:`moe_ref.grouped_mm`).
         init_std: initialisation of the routed experts (see :class:`Experts`).
 
     Attributes:
@@ -311,7 +312,7 @@ class MoE(nn.Module):
                                               ("z", z_coef))}
         self.impl = _checks.choice("impl", impl, IMPLS)
         if backend is not None:
-            _checks.choice("backend", backend, BACKENDS)
+            _checks.choice("backend", backend, ALL_BACKENDS)
         self.backend = backend
 
         self.last_routing: Routing | None = None
