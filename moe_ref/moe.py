@@ -369,7 +369,7 @@ class MoE(nn.Module):
         the group size. Returns :func:`~moe_ref.capacity.apply_capacity`'s record.
         """
         T = routing.num_tokens
-        group_size = shape[-2] if self.capacity_group == "sequence" and len(shape) >= 3 else T
+        group_size = _sequence_length(shape, T) if self.capacity_group == "sequence" else T
         capacity = expert_capacity(group_size, self.num_experts, self.k, capacity_factor=self.capacity_factor,
                                    capacity=self.capacity, min_capacity=self.min_capacity)
         return apply_capacity(routing, capacity, group_size=max(group_size, 1), drop_priority=self.drop_priority)
@@ -401,7 +401,7 @@ class MoE(nn.Module):
         if T > 0:  # an empty input has no losses (they would be 0 / 0)
             losses["z"] = router_z_loss(routing.router_logits)
         if T > 0 and self.router_name != "expert_choice":  # expert choice is balanced by construction
-            seq_len = shape[-2] if len(shape) >= 3 else T
+            seq_len = _sequence_length(shape, T)
             batch = T // seq_len
             losses["balance"] = load_balancing_loss(routing.router_probs, routing.expert_indices)
             losses["seq_balance"] = sequence_balance_loss(
@@ -492,6 +492,11 @@ class MoE(nn.Module):
                  else f"capacity_factor={self.capacity_factor}")
         return (f", {limit}, min_capacity={self.min_capacity}, capacity_group={self.capacity_group!r}, "
                 f"drop_priority={self.drop_priority!r}")
+
+
+def _sequence_length(shape: torch.Size, num_tokens: int) -> int:
+    """Tokens per sequence of an input of ``shape`` ``[..., S, d_model]``; a ``[T, d_model]`` input is one sequence."""
+    return shape[-2] if len(shape) >= 3 else num_tokens
 
 
 def _bool(name: str, value) -> bool:
