@@ -1,42 +1,52 @@
 """moe_ref: the reference implementation that accompanies the Mixture-of-Experts book.
 
-Each module holds one idea and mirrors a chapter:
+One small module per idea; :class:`~moe_ref.moe.MoE` only composes them:
 
-* :mod:`moe_ref.ffn`, :mod:`moe_ref.counting` (chapter 1): the dense FFN; parameters and FLOPs.
-* :mod:`moe_ref.data`, :mod:`moe_ref.model`, :mod:`moe_ref.train` (chapter 1, used by all): the corpus with
-  domain labels, the tiny transformer, the training loop.
-* :mod:`moe_ref.routing`, :mod:`moe_ref.moe`, :mod:`moe_ref.grouped_mm` (chapter 2): routers, the MoE layer,
-  the grouped matmul of its experts.
-* :mod:`moe_ref.losses` (chapter 3): load-balancing and router z-losses.
-* :mod:`moe_ref.hf`: an equivalent :class:`~moe_ref.moe.MoE` from a ``transformers`` MoE block (imports ``transformers``
-  only when called).
-* :mod:`moe_ref.book`: the device and scale knob of the notebooks.
+* :mod:`~moe_ref.ffn`, :mod:`~moe_ref.activations`, :mod:`~moe_ref.counting` (chapter 1): the dense FFN and
+  its formula; parameters and FLOPs.
+* :mod:`~moe_ref.routing` (chapter 2): routing rules, pure functions from logits to a
+  :class:`~moe_ref.routing.Routing` record; :mod:`~moe_ref.routers`: the router modules and
+  :class:`~moe_ref.routers.RouterConfig`.
+* :mod:`~moe_ref.experts` (chapter 2): the stacked expert weights and the FFN on them.
+* :mod:`~moe_ref.losses` (chapter 3): balance and z-losses, and how the layer attaches them to its output.
+* :mod:`~moe_ref.capacity` (chapter 4): capacity, drop priorities, :class:`~moe_ref.capacity.CapacityRecord`.
+* :mod:`~moe_ref.dispatch` (chapters 2, 5): sort, permute, combine; :mod:`~moe_ref.padded` (chapters 4, 5):
+  fixed-size buffers, GShard's einsum and the index form.
+* :mod:`~moe_ref.shared` (chapter 2): shared experts and the residual MoE; :mod:`~moe_ref.moe`: the layer.
+* :mod:`~moe_ref.kernels` (chapters 5, 6): ``grouped_mm`` and its Triton backend.
+* :mod:`~moe_ref.hf`: an equivalent :class:`~moe_ref.moe.MoE` from a ``transformers`` MoE block.
+* :mod:`moe_ref.book`: what the notebooks need beside the library (data, tiny model, trainer, settings,
+  benchmarks).
 """
 
+from .activations import ACTIVATIONS, GATED
+from .capacity import (CAPACITY_GROUPS, DROP_PRIORITIES, CapacityConfig, CapacityRecord, apply_capacity,
+                       expert_capacity, queue_positions)
 from .counting import MoEParams, attention_flops, count_params, ffn_flops, ffn_params, moe_flops, moe_params
-from .data import DOMAINS, Corpus, build_corpus, decode, encode
+from .dispatch import DispatchPlan, combine, permute, sort_by_expert
+from .experts import Experts
 from .ffn import FFN
-from .model import ModelConfig, TinyTransformer
-from .train import History, TrainConfig, evaluate, train
-from .grouped_mm import grouped_mm
 from .hf import from_hf
-from .losses import load_balancing_loss, router_z_loss, sequence_balance_loss
-from .moe import DispatchPlan, Experts, MoE
-from .routing import (ExpertChoiceRouter, NoisyTopKRouter, Router, Routing, SigmoidRouter, TopKRouter,
-                      expert_choice, expert_choice_capacity, make_router, sigmoid_grouped_topk, softmax_topk)
-from .capacity import CAPACITY_GROUPS, DROP_PRIORITIES, apply_capacity, expert_capacity, queue_positions
-from .dispatch import buffer_slots, dispatch_tensors, experts_padded, moe_einsum, moe_padded
+from .kernels.grouped_mm import grouped_mm
+from .losses import AuxLossConfig, load_balancing_loss, router_z_loss, sequence_balance_loss
+from .moe import IMPLS, MoE
+from .shared import ResidualConfig, SharedExpertConfig
+from .routers import (ROUTERS, ExpertChoiceRouter, NoisyTopKRouter, Router, RouterConfig, SigmoidRouter,
+                      TopKRouter, make_router)
+from .routing import (Routing, expert_choice, expert_choice_capacity, noisy_logits, sigmoid_grouped_topk,
+                      softmax_topk)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "FFN", "count_params", "ffn_params", "ffn_flops", "attention_flops",
-    "DOMAINS", "Corpus", "build_corpus", "encode", "decode",
-    "ModelConfig", "TinyTransformer", "TrainConfig", "History", "train", "evaluate",
-    "MoE", "Experts", "DispatchPlan", "MoEParams", "moe_params", "moe_flops", "grouped_mm", "from_hf",
-    "Routing", "Router", "TopKRouter", "NoisyTopKRouter", "SigmoidRouter", "ExpertChoiceRouter", "make_router",
-    "softmax_topk", "sigmoid_grouped_topk", "expert_choice", "expert_choice_capacity",
-    "load_balancing_loss", "router_z_loss", "sequence_balance_loss",
-    "expert_capacity", "queue_positions", "apply_capacity", "CAPACITY_GROUPS", "DROP_PRIORITIES",
-    "buffer_slots", "dispatch_tensors", "experts_padded", "moe_einsum", "moe_padded",
+    "FFN", "ACTIVATIONS", "GATED", "count_params", "ffn_params", "ffn_flops", "attention_flops",
+    "MoE", "IMPLS", "Experts", "SharedExpertConfig", "ResidualConfig", "MoEParams", "moe_params", "moe_flops",
+    "Routing", "softmax_topk", "noisy_logits", "sigmoid_grouped_topk", "expert_choice", "expert_choice_capacity",
+    "RouterConfig", "ROUTERS", "Router", "TopKRouter", "NoisyTopKRouter", "SigmoidRouter", "ExpertChoiceRouter",
+    "make_router",
+    "AuxLossConfig", "load_balancing_loss", "router_z_loss", "sequence_balance_loss",
+    "CapacityConfig", "CapacityRecord", "expert_capacity", "queue_positions", "apply_capacity",
+    "CAPACITY_GROUPS", "DROP_PRIORITIES",
+    "DispatchPlan", "sort_by_expert", "permute", "combine",
+    "grouped_mm", "from_hf",
 ]

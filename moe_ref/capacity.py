@@ -33,6 +33,10 @@ slots, in each group, in priority order:
   decreasing order of their top routing score, so the tokens the router is most confident about are kept.
   It looks at the whole group, future positions included.
 
+:func:`apply_capacity` returns its own record, :class:`CapacityRecord` (what was kept, where, and what was
+dropped), and leaves the router's :class:`~moe_ref.routing.Routing` as it was. Padding tokens (a ``False``
+in the routing's ``mask``) take no slot.
+
 The kept weights are **not** renormalised after a drop (as in Switch and GShard): a token that loses its
 second expert keeps the first expert's weight unchanged, and a token that loses all its experts gets an MoE
 output of zero.
@@ -41,6 +45,7 @@ output of zero.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -49,16 +54,88 @@ from .routing import Routing
 
 #: Values of ``drop_priority``.
 DROP_PRIORITIES = ("position", "choice", "score")
-#: Values of ``capacity_group``: capacity counted per sequence, or over all the tokens of the forward call.
+#: Values of ``group``: capacity counted per sequence, or over all the tokens of the forward call.
 CAPACITY_GROUPS = ("sequence", "batch")
+
+
+@dataclass(frozen=True)
+class CapacityConfig:
+    """A capacity limit for a token-choice :class:`~moe_ref.moe.MoE` (``capacity=None`` there is dropless).
+
+    Attributes:
+        capacity_factor: ``C = ceil(capacity_factor * S * k / E)`` per expert and group of ``S`` tokens
+            (:func:`expert_capacity`); ``transformers``/DeepSpeed: ``capacity_factor``.
+        capacity: an explicit ``C`` instead (Switch's ``expert_capacity``). Give exactly one of the two.
+        min_capacity: a floor on ``C`` (DeepSpeed-MoE uses 4).
+        group: ``"sequence"`` (default; as ``transformers``' Switch) or ``"batch"`` (all tokens of the call).
+        drop_priority: ``"position"`` (default), ``"choice"`` (GShard) or ``"score"`` (V-MoE).
+    """
+
+    capacity_factor: float | None = None
+    capacity: int | None = None
+    min_capacity: int = 0
+    group: str = "sequence"
+    drop_priority: str = "position"
+
+    def __post_init__(self):
+        if (self.capacity_factor is None) == (self.capacity is None):
+            raise ValueError("give exactly one of capacity_factor and capacity")
+        if self.capacity_factor is not None:
+            _checks.finite_float("capacity_factor", self.capacity_factor, minimum=0.0, strict=True)
+        if self.capacity is not None:
+            _checks.positive_int("capacity", self.capacity)
+        _checks.positive_int("min_capacity", self.min_capacity, minimum=0)
+        _checks.choice("group", self.group, CAPACITY_GROUPS)
+        _checks.choice("drop_priority", self.drop_priority, DROP_PRIORITIES)
+
+    def slots(self, group_size: int, num_experts: int, k: int) -> int:
+        """``C`` for a group of ``group_size`` tokens (:func:`expert_capacity`)."""
+        return expert_capacity(group_size, num_experts, k, capacity_factor=self.capacity_factor,
+                               capacity=self.capacity, min_capacity=self.min_capacity)
+
+
+@dataclass
+class CapacityRecord:
+    """What a capacity limit kept and dropped of a routing of ``T`` tokens with ``k`` slots each.
+
+    Attributes:
+        capacity: ``C``, slots per expert in each group.
+        group_size: tokens per group (the sequence length, or ``T``).
+        keep: ``[T, k]`` bool, the assignments that fit.
+        positions: ``[T, k]`` int64, each kept pair's slot in its expert's buffer for its group, ``-1``
+            otherwise.
+        dropped: ``[T, k]`` bool, the assignments the router made that did not fit.
+    """
+
+    capacity: int
+    group_size: int
+    keep: torch.Tensor
+    positions: torch.Tensor
+    dropped: torch.Tensor
+
+    @property
+    def num_dropped(self) -> int:
+        """Number of dropped (token, expert) pairs."""
+        return int(self.dropped.sum())
+
+    @property
+    def drop_rate(self) -> float:
+        """Fraction of the router's assignments (padding excluded) that were dropped; 0.0 without any."""
+        assigned = int(self.keep.sum()) + int(self.dropped.sum())
+        return self.num_dropped / assigned if assigned else 0.0
+
+    def dropped_per_expert(self, num_experts: int, expert_indices: torch.Tensor) -> torch.Tensor:
+        """``[E]`` int64 dropped pairs of each expert."""
+        return torch.bincount(expert_indices[self.dropped], minlength=num_experts)
 
 
 def expert_capacity(num_tokens: int, num_experts: int, k: int, *, capacity_factor: float | None = None,
                     capacity: int | None = None, min_capacity: int = 0) -> int:
-    """Slots per expert for a group of ``num_tokens`` tokens: ``min(S, max(min_capacity, C0))``.
+    """Slots per expert for a group of ``num_tokens`` tokens: ``min(S, max(min_capacity, 1, C0))``.
 
     ``C0`` is ``capacity`` when given, ``ceil(capacity_factor * S * k / E)`` otherwise (see the module
-    docstring for the formula and why).
+    docstring for the formula and why). A non-empty group always gets at least 1 slot per expert, however
+    small the factor: a capacity of 0 would drop every token silently.
 
     Args:
         num_tokens: ``S``, tokens in the group, ``>= 0``.
@@ -66,10 +143,10 @@ def expert_capacity(num_tokens: int, num_experts: int, k: int, *, capacity_facto
         k: experts per token.
         capacity_factor: multiplies the balanced load ``S * k / E``; finite and ``> 0``.
         capacity: an explicit capacity ``>= 1`` instead of ``capacity_factor`` (exactly one of the two).
-        min_capacity: a floor, as DeepSpeed-MoE's ``min_capacity`` (default 0, no floor).
+        min_capacity: a floor, as DeepSpeed-MoE's ``min_capacity`` (default 0, no floor beyond 1).
 
     Returns:
-        ``C``, an int in ``[0, S]`` (0 only for an empty group).
+        ``C``, an int in ``[1, S]``, or 0 for an empty group.
     """
     _checks.positive_int("num_tokens", num_tokens, minimum=0)
     _checks.positive_int("num_experts", num_experts)
@@ -83,7 +160,7 @@ def expert_capacity(num_tokens: int, num_experts: int, k: int, *, capacity_facto
         capacity_factor = _checks.finite_float("capacity_factor", capacity_factor, minimum=0.0, strict=True)
         # round() first so that a product such as 1.1 * 10 = 11.000000000000002 does not ceil to 12
         slots = math.ceil(round(capacity_factor * num_tokens * k / num_experts, 9))
-    return min(num_tokens, max(min_capacity, slots))
+    return min(num_tokens, max(min_capacity, 1, slots))
 
 
 def queue_positions(expert_indices: torch.Tensor, num_experts: int, *, group_size: int,
@@ -119,7 +196,10 @@ def queue_positions(expert_indices: torch.Tensor, num_experts: int, *, group_siz
     if drop_priority == "score":
         if scores is None:
             raise ValueError("drop_priority='score' needs the router scores")
-        priority = scores.gather(1, expert_indices).amax(dim=1).view(G, S)  # [G, S] top score of each token
+        priority = scores.detach().gather(1, expert_indices)
+        if mask is not None:  # pairs that take no place do not lend their token priority
+            priority = priority.masked_fill(~mask, float("-inf"))
+        priority = priority.amax(dim=1).view(G, S)  # [G, S] top score of each token
         order = torch.argsort(-priority, dim=1, stable=True)  # ties: earlier token first
         token = torch.empty_like(order).scatter_(1, order, torch.arange(S, device=device).expand(G, S)).view(T)
     slot = torch.arange(k, device=device)
@@ -142,29 +222,29 @@ def queue_positions(expert_indices: torch.Tensor, num_experts: int, *, group_siz
 
 
 def apply_capacity(routing: Routing, capacity: int, *, group_size: int, drop_priority: str = "position"
-                   ) -> Routing:
-    """Drop the (token, expert) pairs that do not fit in ``capacity`` slots per expert and group.
+                   ) -> CapacityRecord:
+    """Which (token, expert) pairs fit in ``capacity`` slots per expert and group.
 
     Args:
-        routing: a token-choice :class:`~moe_ref.routing.Routing` (``mask`` ``None``).
+        routing: a token-choice :class:`~moe_ref.routing.Routing`; its ``mask``, if any, marks padding,
+            whose pairs take no slot and are not counted as dropped.
         capacity: ``C``, slots per expert in each group (see :func:`expert_capacity`).
         group_size: tokens per group (sequence length, or ``T`` for the whole batch); must divide ``T``.
         drop_priority: see :func:`queue_positions`.
 
     Returns:
-        A new :class:`~moe_ref.routing.Routing` with ``mask`` (kept pairs), ``dropped`` (``~mask``),
-        ``positions`` (slot of each kept pair in its expert's buffer for its group, ``-1`` if dropped),
-        ``capacity``, ``group_size`` and ``combine_weights`` zeroed on the dropped pairs (not renormalised).
-        ``expert_indices``, the router outputs and ``tokens_per_expert`` (the router's demand, before drops)
-        are those of ``routing``.
+        The :class:`CapacityRecord`. ``routing`` is not changed.
     """
-    if routing.mask is not None:
-        raise ValueError("apply_capacity takes a token-choice routing (mask None), not an expert-choice one")
+    if not isinstance(routing, Routing):
+        raise TypeError(f"routing must be a Routing, got {type(routing).__name__}")
     _checks.positive_int("capacity", capacity, minimum=0)
+    T = routing.num_tokens
+    if T == 0:
+        empty = torch.zeros_like(routing.expert_indices, dtype=torch.bool)
+        return CapacityRecord(capacity, group_size, empty, torch.full_like(routing.expert_indices, -1), empty)
     positions = queue_positions(routing.expert_indices, routing.num_experts, group_size=group_size,
-                                drop_priority=drop_priority, scores=routing.router_scores)
-    keep = positions < capacity
-    return Routing(routing.expert_indices, torch.where(keep, routing.combine_weights, 0.0), routing.router_logits,
-                   routing.router_scores, routing.router_probs, routing.tokens_per_expert, mask=keep,
-                   capacity=capacity, dropped=~keep, positions=torch.where(keep, positions, -1),
-                   group_size=group_size)
+                                drop_priority=drop_priority, scores=routing.router_scores, mask=routing.mask)
+    assigned = positions >= 0
+    keep = assigned & (positions < capacity)
+    return CapacityRecord(capacity=capacity, group_size=group_size, keep=keep,
+                          positions=torch.where(keep, positions, -1), dropped=assigned & ~keep)

@@ -9,10 +9,12 @@ backward) costs about 3 times the forward FLOPs.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from torch import nn
 
 from . import _checks
-from .ffn import activation_fn
+from .activations import activation_fn
 
 
 def count_params(module: nn.Module, *, trainable_only: bool = False) -> int:
@@ -63,9 +65,6 @@ def attention_flops(d_model: int, context: int) -> int:
 
 
 # --- Mixture-of-Experts layers (chapter 2) ------------------------------------------------------------------
-
-from typing import NamedTuple  # noqa: E402  (kept with the MoE additions below)
-
 
 class MoEParams(NamedTuple):
     """Parameter counts of an MoE layer: ``total`` stored, ``active`` used by one token."""

@@ -1,143 +1,141 @@
-"""Chapter 4: dispatch and combine with fixed-size expert buffers, the GShard way and the index way.
+"""Chapters 2 and 5: dispatch and combine for ragged expert groups: sort, permute, combine.
 
-With a capacity (:mod:`moe_ref.capacity`), every expert gets a buffer of ``C`` slots per group, so the
-expert compute has a fixed shape ``[E, C, d_model]`` and is one batched matmul per projection
-(``torch.bmm``), with no ragged groups. Filling the buffers (dispatch) and reading them back (combine) can be
-written two ways, which give the same result:
+The fast, dropless path of the MoE layer (``impl="grouped"``):
 
-* **einsum** (Lepikhin et al. 2021, GShard; Fedus et al. 2022, Switch): two dense ``[T, E, C]`` tensors,
-  ``dispatch_mask[t, e, c]`` (token ``t`` sits in slot ``c`` of expert ``e``) and ``combine_weights[t, e, c]``
-  (its weight there, else 0); then ``x_padded = einsum("tec,td->ecd", dispatch_mask, x)`` and
-  ``out = einsum("tec,ecd->td", combine_weights, y_padded)``. Easy to read and to shard, but ``T * E * C``
-  entries, most of them zero: ``O(T^2)`` memory for a fixed capacity factor.
-* **index** (gather/scatter): the slot of each kept pair as a flat index ``expert * C + slot``; dispatch
-  copies the token rows into their slots (``index_copy``) and combine gathers them back, weights them and
-  adds them to their tokens (``index_add``). ``O(T * k)`` indices, the form fast implementations use.
+1. **sort** (:func:`sort_by_expert`): the (token, expert) assignments that are computed (the router's,
+   minus padding and capacity drops) are sorted by expert into a :class:`DispatchPlan` with the group
+   boundaries ``offsets``;
+2. **permute** (:func:`permute`): gather the token vectors in plan order, ``x_sorted`` ``[A, d_model]``;
+3. the experts run on their groups (:meth:`~moe_ref.experts.Experts.forward`, one grouped matmul per
+   projection);
+4. **combine** (:func:`combine`): weight each output row and sum each token's rows.
 
-The ragged alternative, without any padding, is :meth:`~moe_ref.moe.MoE.experts_grouped` (sort, grouped
-matmul, :mod:`moe_ref.grouped_mm`). Without a capacity limit the buffers here are sized to the busiest
-expert, so the padded forms compute the dropless layer too (wastefully when the load is uneven).
+The combine accumulates in float32 (float64 for float64) and is deterministic: every (token, slot) pair
+owns one row of a ``[T * slots, d_model]`` buffer, written once, and the rows of a token are summed in slot
+order. An ``index_add_`` into ``[T, d_model]`` in the activation dtype would round every partial sum to
+bfloat16 and, on a GPU, add in a different order from run to run (atomics).
 
-A buffer slot that no pair fills holds zeros; the bias-free experts map it to zeros, and its combine weight
-is 0 anyway.
+:func:`routed_naive` computes the same thing with a loop over experts: the readable reference.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from .capacity import queue_positions
-from .routing import Routing
+from .capacity import CapacityRecord
+from .experts import Experts
+from .routing import Routing, router_float
 
 
-def buffer_slots(routing: Routing) -> tuple[torch.Tensor, int]:
-    """Where each (token, slot) pair sits in its expert's padded buffer.
+@dataclass
+class DispatchPlan:
+    """The computed assignments sorted by expert: what the grouped expert compute needs.
 
-    With a capacity limit (``routing.positions`` set), expert ``e``'s buffer holds ``G * C`` rows, ``C`` for
-    each of the ``G`` groups in turn; pair ``(t, j)`` of group ``g`` goes to row ``g * C + positions[t, j]``.
-    Without one (dropless token choice, expert choice), one queue per expert in position order, sized to the
-    busiest expert.
+    Attributes:
+        pair_ids: ``[A]`` int64, the flat (token, slot) index ``t * slots + j`` of each sorted assignment.
+        token_ids: ``[A]`` int64, its token (a row of ``x_sorted`` is ``x[token_ids[a]]``).
+        expert_ids: ``[A]`` int64, its expert, non-decreasing.
+        combine_weights: ``[A]`` float32, its combine weight.
+        tokens_per_expert: ``[E]`` int64, the size of each expert's group.
+        offsets: ``[E]`` int32, cumulative group ends (``offsets[-1] == A``), as
+            :func:`~moe_ref.kernels.grouped_mm.grouped_mm` takes them.
+        slots: slots per token of the routing (``k``, or ``E`` for expert choice).
+    """
+
+    pair_ids: torch.Tensor
+    token_ids: torch.Tensor
+    expert_ids: torch.Tensor
+    combine_weights: torch.Tensor
+    tokens_per_expert: torch.Tensor
+    offsets: torch.Tensor
+    slots: int
+
+
+def computed_mask(routing: Routing, capacity: CapacityRecord | None = None) -> torch.Tensor | None:
+    """``[T, slots]`` bool, the assignments the experts compute: the router's, minus capacity drops.
+
+    ``None`` when every slot is computed.
+    """
+    return routing.mask if capacity is None else capacity.keep
+
+
+def sort_by_expert(routing: Routing, capacity: CapacityRecord | None = None) -> DispatchPlan:
+    """Step 1: sort the computed (token, expert) assignments of ``routing`` by expert.
+
+    The sort is stable, so within an expert's group the tokens keep their order (and the result is
+    deterministic). With a ``capacity`` record, only the kept pairs are in the plan.
+    """
+    mask = computed_mask(routing, capacity)
+    pair_ids = torch.arange(routing.expert_indices.numel(), device=routing.expert_indices.device)
+    expert_ids, weights = routing.expert_indices.reshape(-1), routing.combine_weights.reshape(-1)
+    if mask is not None:
+        keep = mask.reshape(-1)
+        pair_ids, expert_ids, weights = pair_ids[keep], expert_ids[keep], weights[keep]
+    order = torch.argsort(expert_ids, stable=True)
+    tokens_per_expert = torch.bincount(expert_ids, minlength=routing.num_experts)
+    pair_ids = pair_ids[order]
+    return DispatchPlan(pair_ids=pair_ids, token_ids=pair_ids // max(routing.slots, 1),
+                        expert_ids=expert_ids[order], combine_weights=weights[order],
+                        tokens_per_expert=tokens_per_expert, offsets=tokens_per_expert.cumsum(0).to(torch.int32),
+                        slots=routing.slots)
+
+
+def permute(x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """Step 2: ``x`` ``[T, d]`` -> ``x_sorted`` ``[A, d]``, row ``a`` being token ``plan.token_ids[a]``."""
+    return x.index_select(0, plan.token_ids)
+
+
+def combine_pairs(y_pairs: torch.Tensor, weights: torch.Tensor, pair_ids: torch.Tensor, num_tokens: int,
+                  slots: int) -> torch.Tensor:
+    """The weighted sum of each token's expert outputs, deterministic, in float32 (float64 for float64).
 
     Args:
-        routing: the :class:`~moe_ref.routing.Routing`.
+        y_pairs: ``[A, d]`` expert outputs, one per computed (token, slot) pair, in any order.
+        weights: ``[A]`` their combine weights.
+        pair_ids: ``[A]`` int64 their flat (token, slot) index ``t * slots + j``, each at most once.
+        num_tokens: ``T``.
+        slots: slots per token.
 
     Returns:
-        ``(slots, num_slots)``: ``[T, k]`` int64 rows (``-1`` for a pair that is not processed) and the rows
-        per expert buffer.
+        ``[T, d]``; a token with no computed pair gets zeros.
     """
-    T = routing.num_tokens
-    if routing.positions is not None:
-        group = torch.arange(T, device=routing.positions.device) // max(routing.group_size, 1)
-        slots = group.unsqueeze(1) * routing.capacity + routing.positions
-        num_groups = T // routing.group_size if routing.group_size else 0
-        return torch.where(routing.positions >= 0, slots, -1), num_groups * routing.capacity
-    positions = queue_positions(routing.expert_indices, routing.num_experts, group_size=max(T, 1),
-                                mask=routing.mask)
-    return positions, int(positions.max()) + 1 if positions.numel() else 0
+    acc = router_float(y_pairs)
+    weighted = acc * weights.to(acc.dtype).unsqueeze(-1)
+    d = y_pairs.shape[-1]
+    rows = weighted.new_zeros(num_tokens * slots, d).index_copy(0, pair_ids, weighted)  # each row written once
+    return rows.view(num_tokens, slots, d).sum(dim=1)
 
 
-def dispatch_tensors(routing: Routing, slots: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """GShard's one-hot dispatch and combine tensors.
+def combine(y_sorted: torch.Tensor, plan: DispatchPlan, num_tokens: int) -> torch.Tensor:
+    """Step 4: ``y_sorted`` ``[A, d]`` -> ``[num_tokens, d]``, the combine-weighted sum of each token's rows
+    (:func:`combine_pairs`)."""
+    return combine_pairs(y_sorted, plan.combine_weights, plan.pair_ids, num_tokens, plan.slots)
 
-    ``combine_weights = sum_j w[t, j] * onehot(expert[t, j])[e] * onehot(slot[t, j])[c]`` over the kept
-    pairs, and ``dispatch_mask = combine_weights != 0`` computed from the one-hots (a kept pair of weight
-    0 is still dispatched).
 
-    Args:
-        routing: the :class:`~moe_ref.routing.Routing`.
-        slots: ``[T, k]`` int64 buffer rows, ``-1`` for pairs not processed (:func:`buffer_slots`).
-        num_slots: ``C``, rows per expert buffer.
+def routed_grouped(experts: Experts, x: torch.Tensor, routing: Routing, capacity: CapacityRecord | None = None,
+                   backend: str | None = None) -> torch.Tensor:
+    """Routed experts, the fast way: sort, permute, grouped matmuls, combine. ``[T, d] -> [T, d]`` float32."""
+    plan = sort_by_expert(routing, capacity)
+    y_sorted = experts(permute(x, plan), plan.offsets, backend=backend, check=False)
+    return combine(y_sorted, plan, x.shape[0])
 
-    Returns:
-        ``(dispatch_mask, combine_weights)``: ``[T, E, C]`` bool and ``[T, E, C]`` float32 (differentiable in
-        ``routing.combine_weights``).
+
+def routed_naive(experts: Experts, x: torch.Tensor, routing: Routing, capacity: CapacityRecord | None = None,
+                 backend: str | None = None) -> torch.Tensor:
+    """Routed experts, the readable reference: a loop over the experts. ``[T, d] -> [T, d]`` float32.
+
+    For each expert, find the (token, slot) pairs it computes, run it on those tokens and add its weighted
+    output to theirs. Every expert runs, even on no tokens, so the output always has a gradient path.
     """
-    kept = (slots >= 0).unsqueeze(-1)  # [T, k, 1]
-    expert_onehot = F.one_hot(routing.expert_indices, routing.num_experts).to(routing.combine_weights.dtype)
-    slot_onehot = F.one_hot(slots.clamp(min=0), max(num_slots, 1))[..., :num_slots] * kept  # [T, k, C]
-    slot_onehot = slot_onehot.to(routing.combine_weights.dtype)
-    dispatch_mask = torch.einsum("tke,tkc->tec", expert_onehot, slot_onehot) > 0
-    combine_weights = torch.einsum("tk,tke,tkc->tec", routing.combine_weights, expert_onehot, slot_onehot)
-    return dispatch_mask, combine_weights
-
-
-def experts_padded(experts: nn.Module, x_padded: torch.Tensor) -> torch.Tensor:
-    """Every expert on its buffer: one ``torch.bmm`` per projection.
-
-    Args:
-        experts: the :class:`~moe_ref.moe.Experts` (``w_in``, ``w_up``, ``w_out`` stacked ``[E, in, out]``).
-        x_padded: ``[E, C, d_model]``.
-
-    Returns:
-        ``[E, C, d_model]``.
-    """
-    hidden = experts.act(torch.bmm(x_padded, experts.w_in))
-    if experts.gated:
-        hidden = hidden * torch.bmm(x_padded, experts.w_up)
-    return torch.bmm(hidden, experts.w_out)
-
-
-def moe_einsum(experts: nn.Module, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-    """Routed experts, GShard's way: one-hot einsum dispatch, padded ``bmm`` experts, einsum combine.
-
-    Args:
-        experts: the :class:`~moe_ref.moe.Experts`.
-        x: ``[T, d_model]``.
-        routing: its :class:`~moe_ref.routing.Routing` (after any capacity limit).
-
-    Returns:
-        ``[T, d_model]``, the dtype of ``x``.
-    """
-    slots, num_slots = buffer_slots(routing)
-    dispatch_mask, combine_weights = dispatch_tensors(routing, slots, num_slots)
-    x_padded = torch.einsum("tec,td->ecd", dispatch_mask.to(x.dtype), x)  # [E, C, d]
-    y_padded = experts_padded(experts, x_padded)
-    return torch.einsum("tec,ecd->td", combine_weights.to(y_padded.dtype), y_padded)
-
-
-def moe_padded(experts: nn.Module, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-    """Routed experts with index dispatch into padded buffers: scatter, padded ``bmm`` experts, gather.
-
-    Same result as :func:`moe_einsum` without the ``[T, E, C]`` tensors.
-
-    Args:
-        experts: the :class:`~moe_ref.moe.Experts`.
-        x: ``[T, d_model]``.
-        routing: its :class:`~moe_ref.routing.Routing` (after any capacity limit).
-
-    Returns:
-        ``[T, d_model]``, the dtype of ``x``.
-    """
-    T, d = x.shape
-    E, k = routing.num_experts, routing.k
-    slots, num_slots = buffer_slots(routing)
-    kept = (slots >= 0).reshape(-1)
-    token_ids = torch.arange(T, device=x.device).repeat_interleave(k)[kept]  # [A]
-    buffer_rows = (routing.expert_indices * num_slots + slots).reshape(-1)[kept]  # [A] rows of [E * C, d]
-    weights = routing.combine_weights.reshape(-1)[kept]
-    x_padded = x.new_zeros(E * num_slots, d).index_copy(0, buffer_rows, x.index_select(0, token_ids))
-    y_padded = experts_padded(experts, x_padded.view(E, num_slots, d)).reshape(E * num_slots, d)
-    weighted = y_padded.index_select(0, buffer_rows) * weights.unsqueeze(-1).to(y_padded.dtype)
-    return x.new_zeros(T, d).index_add(0, token_ids, weighted)
+    mask = computed_mask(routing, capacity)
+    out = router_float(x.new_zeros(x.shape))
+    for e in range(routing.num_experts):
+        selected = routing.expert_indices == e
+        if mask is not None:
+            selected = selected & mask
+        token_ids, slots = torch.nonzero(selected, as_tuple=True)
+        weights = routing.combine_weights[token_ids, slots].unsqueeze(-1).to(out.dtype)
+        out = out.index_add(0, token_ids, weights * experts.expert(e, x[token_ids]).to(out.dtype))
+    return out

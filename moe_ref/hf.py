@@ -24,17 +24,23 @@ running count (``cumsum`` over the positions of the sequence) of tokens sent to 
 router probability (not renormalised). A dropped token is skipped by the experts loop, so the block returns
 **zeros** for it (the residual connection of ``SwitchTransformersLayerFF`` carries it); older
 ``transformers`` versions returned the unchanged hidden state scaled by the router probability instead. The
-converted MoE is ``MoE(..., k=1, router="softmax", norm_topk_prob=False, capacity=expert_capacity,
-capacity_group="sequence", drop_priority="position")``, which drops the same tokens and returns the same
-zeros. The experts are plain (``wi``, activation, ``wo``, no gate): ``dense_act_fn`` ``"relu"``, ``"gelu"``
-or ``"silu"``. The router's input jitter (``router_jitter_noise``, on by default in the config) and a router
-bias are refused; the dropout inside the experts (``dropout_rate``, training mode only) is not reproduced,
-so the two agree in eval mode, or in training mode with ``dropout_rate=0``.
+converted MoE is ``MoE(..., k=1, router=RouterConfig(norm_topk_prob=False),
+capacity=CapacityConfig(capacity=expert_capacity, group="sequence", drop_priority="position"))``, which
+drops the same tokens and returns the same zeros. The experts are plain (``wi``, activation, ``wo``, no
+gate): ``dense_act_fn`` ``"relu"``, ``"gelu"`` or ``"silu"``. A router bias is refused; the dropout inside
+the experts (``dropout_rate``, training mode only) is not reproduced.
+
+**Jitter.** ``router_jitter_noise`` (on by default in Switch configs, 0.01) multiplies the router's input by
+``U(1 - eps, 1 + eps)`` noise in training mode; Mixtral's multiplies the whole block input, so the experts
+see it too. Both become :class:`~moe_ref.routers.RouterConfig` ``jitter_noise`` (with ``jitter_experts``
+for Mixtral). In eval mode there is no noise and the two agree exactly; in training mode they draw the same
+noise from the same generator state, so they agree too when seeded alike (and, for Switch, with
+``dropout_rate=0``).
 
 ``transformers`` is imported only by :func:`from_hf`, never by ``import moe_ref``. The MoE returned is in
-training mode like any new module, has the dtype and device of the block's expert weights, and has all
-auxiliary-loss coefficients at 0 (``aux_loss`` is ``None``): set them on ``moe.loss_coefs`` to train with
-them.
+training mode like any new module, has the dtype and device of the block's expert weights (its router
+stays float32, as :mod:`moe_ref.routers` explains), and has all auxiliary-loss coefficients at 0: set
+``moe.loss_config = AuxLossConfig(...)`` to train with them.
 """
 
 from __future__ import annotations
@@ -43,7 +49,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .moe import MoE
+from .capacity import CapacityConfig
+from .losses import AuxLossConfig
+from .moe import MoE, SharedExpertConfig
+from .routers import RouterConfig
+
+_NO_LOSSES = AuxLossConfig(balance_coef=0.0)
 
 #: ``transformers`` activation names and the gated activation of :mod:`moe_ref.ffn` they give in an expert.
 _GATED_ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", "gelu": "geglu", "relu": "reglu"}
@@ -121,9 +132,6 @@ def _from_switch(block: nn.Module) -> MoE:
     router = block.router
     if router.dtype != torch.float32:
         raise ValueError(f"router_dtype={router.dtype} is not supported; the MoE router computes in float32")
-    if router.jitter_noise:
-        raise ValueError(f"router_jitter_noise={router.jitter_noise} (Switch input jitter) is not supported; "
-                         "set block.router.jitter_noise = 0")
     if router.classifier.bias is not None:
         raise ValueError("router_bias=True is not supported: the MoE router's gate has no bias")
     experts = [block.experts[f"expert_{e}"] for e in range(router.num_experts)]
@@ -131,8 +139,9 @@ def _from_switch(block: nn.Module) -> MoE:
         raise ValueError("experts with biases are not supported")
     d_hidden, d_model = experts[0].wi.weight.shape
     moe = MoE(d_model, d_hidden, router.num_experts, 1, activation=_plain_activation(experts[0].act),
-              router="softmax", norm_topk_prob=False, capacity=router.expert_capacity, capacity_group="sequence",
-              drop_priority="position", balance_coef=0.0)
+              router=RouterConfig(norm_topk_prob=False, jitter_noise=float(router.jitter_noise or 0.0)),
+              capacity=CapacityConfig(capacity=router.expert_capacity, group="sequence", drop_priority="position"),
+              aux_losses=_NO_LOSSES)
     weight = experts[0].wi.weight
     moe.to(device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
@@ -157,8 +166,7 @@ def from_hf(block: nn.Module) -> MoE:
     Raises:
         TypeError: ``block`` is not a supported ``transformers`` MoE block.
         ValueError: a supported block with a configuration this library cannot express (an activation other
-            than silu, gelu or relu; Mixtral's or Switch's router jitter noise; Switch's router bias or a
-            ``router_dtype`` other than float32).
+            than silu, gelu or relu; Switch's router bias or a ``router_dtype`` other than float32).
     """
     if not isinstance(block, nn.Module):
         raise TypeError(f"block must be a torch.nn.Module, got {type(block).__name__}")
@@ -171,28 +179,29 @@ def from_hf(block: nn.Module) -> MoE:
     config = experts.config
     num_experts, d_model = gate.weight.shape
     d_hidden = experts.down_proj.shape[-1]
-    common = dict(activation=_activation(config), balance_coef=0.0)
+    common = dict(activation=_activation(config), aux_losses=_NO_LOSSES)
     if name in _SOFTMAX_BLOCKS:
-        if getattr(block, "jitter_noise", 0.0):
-            raise ValueError(f"router_jitter_noise={block.jitter_noise} (Mixtral input jitter) is not supported")
         norm = getattr(gate, "norm_topk_prob", True)  # Mixtral always renormalises
+        jitter = float(getattr(block, "jitter_noise", 0.0) or 0.0)  # Mixtral only: on the whole input
+        router = RouterConfig(norm_topk_prob=bool(norm), jitter_noise=jitter, jitter_experts=jitter > 0)
         shared = getattr(block, "shared_expert", None)
         if shared is not None:
-            common.update(n_shared=1, d_shared=shared.gate_proj.out_features, shared_gate=True)
-        moe = MoE(d_model, d_hidden, num_experts, gate.top_k, router="softmax", norm_topk_prob=bool(norm), **common)
-        if shared is not None:
-            _copy_mlp(moe.shared, shared)
-            moe.shared_gate.weight.data.copy_(block.shared_expert_gate.weight)
+            common["shared"] = SharedExpertConfig(1, shared.gate_proj.out_features, gate=True)
+        moe = MoE(d_model, d_hidden, num_experts, gate.top_k, router=router, **common)
     else:  # DeepseekV3MoE
         n_shared = config.n_shared_experts
-        moe = MoE(d_model, d_hidden, num_experts, gate.top_k, router="sigmoid", n_group=gate.num_group,
-                  topk_group=gate.topk_group, routed_scaling_factor=float(gate.routed_scaling_factor),
-                  norm_topk_prob=bool(gate.norm_topk_prob), n_shared=n_shared,
-                  d_shared=block.shared_experts.gate_proj.out_features // n_shared, **common)
-        _copy_mlp(moe.shared, block.shared_experts)
-        moe.router.expert_bias.copy_(gate.e_score_correction_bias)
-    moe.to(device=experts.down_proj.device, dtype=experts.down_proj.dtype)
+        router = RouterConfig("sigmoid", norm_topk_prob=bool(gate.norm_topk_prob), n_group=gate.num_group,
+                              topk_group=gate.topk_group, routed_scaling_factor=float(gate.routed_scaling_factor))
+        shared = SharedExpertConfig(n_shared, block.shared_experts.gate_proj.out_features // n_shared)
+        moe = MoE(d_model, d_hidden, num_experts, gate.top_k, router=router, shared=shared, **common)
+    moe.to(device=experts.down_proj.device, dtype=experts.down_proj.dtype)  # the router stays float32
     with torch.no_grad():
         moe.router.gate.weight.copy_(gate.weight)
         _copy_experts(moe, experts)
+        if name == "DeepseekV3MoE":
+            _copy_mlp(moe.shared, block.shared_experts)
+            moe.router.expert_bias.copy_(gate.e_score_correction_bias)
+        elif moe.shared is not None:
+            _copy_mlp(moe.shared, block.shared_expert)
+            moe.shared_gate.weight.copy_(block.shared_expert_gate.weight)
     return moe

@@ -7,14 +7,87 @@ computed in float32 (float64 for float64 inputs).
   Fedus et al. 2022 Switch), normalised to 1 at perfect balance for any ``k``.
 * :func:`router_z_loss`: mean squared log-partition of the router logits (Zoph et al. 2022, ST-MoE).
 * :func:`sequence_balance_loss`: DeepSeek-V3's balance loss computed per sequence (DeepSeek-AI 2024).
+
+Every loss takes a padding mask (``attention_mask``, 1 for real tokens), so padding never counts.
+
+**How the MoE layer uses them.** :class:`AuxLossConfig` holds the coefficients. The layer computes a loss
+only when its coefficient is above 0 and gradients are on (or when asked for the statistic), and attaches
+the weighted sum to its output with :func:`attach_aux_loss`, an identity whose backward also sends a
+gradient of 1 (times :attr:`AuxLossConfig.scale`) into the loss, as Megatron-LM's ``MoEAuxLossAutoScaler``
+does. The gradient of the auxiliary loss then flows in the same backward as the language-model loss: no
+training loop has to collect it, no graph-carrying tensor is kept on the module, and a forward recomputed
+by activation checkpointing contributes it exactly once (only the graph that backward traverses counts).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from . import _checks
 from .routing import router_float
+
+#: The names of the auxiliary losses, as keys of ``MoE.losses``.
+LOSS_NAMES = ("balance", "seq_balance", "z")
+
+
+@dataclass(frozen=True)
+class AuxLossConfig:
+    """Coefficients of the auxiliary losses of an MoE layer (each 0 turns that loss off).
+
+    Attributes:
+        balance_coef: :func:`load_balancing_loss` (``transformers``: ``router_aux_loss_coef``, which multiplies
+            ``k`` times this loss; so ``balance_coef = k * router_aux_loss_coef``).
+        seq_balance_coef: :func:`sequence_balance_loss` (DeepSeek-V3's ``alpha``).
+        z_coef: :func:`router_z_loss` (``router_z_loss_coef``; ST-MoE uses 0.001).
+        compute_all: also compute the losses whose coefficient is 0, and compute them without gradients
+            (eval), as statistics in ``MoE.losses``.
+        scale: multiplies the gradient the losses send back: set it to what multiplies your main loss before
+            backward (``1 / gradient_accumulation_steps``, a loss scaler's scale), as Megatron-LM's
+            ``set_loss_scale``.
+    """
+
+    balance_coef: float = 0.01
+    seq_balance_coef: float = 0.0
+    z_coef: float = 0.0
+    compute_all: bool = False
+    scale: float = 1.0
+
+    def __post_init__(self):
+        for name in ("balance_coef", "seq_balance_coef", "z_coef", "scale"):
+            _checks.finite_float(name, getattr(self, name), minimum=0.0)
+        _checks.boolean("compute_all", self.compute_all)
+
+    def coef(self, name: str) -> float:
+        """The coefficient of loss ``name`` (one of :data:`LOSS_NAMES`)."""
+        return getattr(self, f"{name}_coef")
+
+
+class _AttachAuxLoss(torch.autograd.Function):
+    """Identity on ``out``; its backward also returns ``scale`` as the gradient of the scalar ``aux_loss``."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, aux_loss: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        ctx.aux_shape, ctx.aux_dtype, ctx.aux_device = aux_loss.shape, aux_loss.dtype, aux_loss.device
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_aux = torch.full(ctx.aux_shape, ctx.scale, dtype=ctx.aux_dtype, device=ctx.aux_device)
+        return grad_out, grad_aux, None
+
+
+def attach_aux_loss(out: torch.Tensor, aux_loss: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``out`` unchanged, with the gradient of the scalar ``aux_loss`` (times ``scale``) attached to it.
+
+    Whatever backward reaches ``out`` also back-propagates ``aux_loss``, once. A no-op when ``aux_loss`` does
+    not require a gradient.
+    """
+    if not aux_loss.requires_grad:
+        return out
+    return _AttachAuxLoss.apply(out, aux_loss, scale)
 
 
 def _check_routing_pair(probs, expert_indices, probs_name: str = "router_probs") -> None:
@@ -98,7 +171,8 @@ def router_z_loss(router_logits: torch.Tensor, *, attention_mask: torch.Tensor |
     return (z * mask).sum() / mask.sum().clamp_min(1.0)
 
 
-def sequence_balance_loss(router_scores: torch.Tensor, expert_indices: torch.Tensor) -> torch.Tensor:
+def sequence_balance_loss(router_scores: torch.Tensor, expert_indices: torch.Tensor, *,
+                          attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """DeepSeek-V3's sequence-wise balance loss (DeepSeek-AI 2024), averaged over sequences.
 
     For each sequence of ``S`` tokens: ``f_i = E / (k * S) * count_i`` (``count_i``: tokens of the sequence
@@ -110,6 +184,8 @@ def sequence_balance_loss(router_scores: torch.Tensor, expert_indices: torch.Ten
         router_scores: ``[B, S, E]`` non-negative scores (sigmoid scores, or softmax probabilities); each row
             is divided by its sum, so ``Routing.router_probs`` can be passed as well.
         expert_indices: ``[B, S, k]`` int64.
+        attention_mask: optional ``[B, S]``, 1 for real tokens: padding is left out of ``count``, ``P`` and
+            ``S``, and a sequence without real tokens out of the mean.
 
     Returns:
         Scalar float32 tensor, the mean over the ``B`` sequences.
@@ -121,9 +197,47 @@ def sequence_balance_loss(router_scores: torch.Tensor, expert_indices: torch.Ten
     k = expert_indices.shape[-1]
     scores = router_float(router_scores)
     probs = scores / scores.sum(dim=-1, keepdim=True)
-    ones = torch.ones(B, S * k, dtype=scores.dtype, device=scores.device)
+    mask = _token_mask(attention_mask, probs.shape[:2], probs.device, probs.dtype)
+    mask = torch.ones(B, S, dtype=probs.dtype, device=probs.device) if mask is None else mask.view(B, S)
     counts = torch.zeros(B, E, dtype=scores.dtype, device=scores.device).scatter_add_(
-        1, expert_indices.reshape(B, S * k), ones)
-    f = counts * (E / (k * S))
-    P = probs.mean(dim=1)
-    return (f * P).sum(dim=-1).mean()
+        1, expert_indices.reshape(B, S * k), mask.repeat_interleave(k, dim=1))
+    real = mask.sum(dim=1)  # [B] real tokens of each sequence
+    f = counts * E / (k * real.clamp_min(1.0)).unsqueeze(1)
+    P = (probs * mask.unsqueeze(-1)).sum(dim=1) / real.clamp_min(1.0).unsqueeze(1)
+    has_tokens = (real > 0).to(probs.dtype)
+    return ((f * P).sum(dim=-1) * has_tokens).sum() / has_tokens.sum().clamp_min(1.0)
+
+
+def aux_losses(routing, config: AuxLossConfig, sequence_length: int, token_mask: torch.Tensor | None = None, *,
+               every: bool = False, balance: bool = True) -> dict[str, torch.Tensor]:
+    """The unweighted losses an MoE layer wants for ``routing`` (a :class:`~moe_ref.routing.Routing`).
+
+    All of :data:`LOSS_NAMES` if ``every`` or ``config.compute_all``; otherwise those whose coefficient is
+    above 0, and only when gradients are on. ``balance=False`` (expert choice, balanced by construction)
+    leaves out the two balance losses. ``token_mask`` ``[T]`` bool marks the real tokens; the tokens form
+    sequences of ``sequence_length`` for the sequence-wise loss.
+    """
+    every = every or config.compute_all
+    names = [n for n in LOSS_NAMES if every or (config.coef(n) > 0 and torch.is_grad_enabled())]
+    names = [n for n in names if balance or n == "z"]
+    T = routing.num_tokens
+    if T == 0:
+        return {}
+    losses = {}
+    if "balance" in names:
+        losses["balance"] = load_balancing_loss(routing.router_probs, routing.expert_indices,
+                                                attention_mask=token_mask)
+    if "seq_balance" in names:
+        B, S = T // sequence_length, sequence_length
+        losses["seq_balance"] = sequence_balance_loss(
+            routing.router_probs.reshape(B, S, -1), routing.expert_indices.reshape(B, S, -1),
+            attention_mask=None if token_mask is None else token_mask.view(B, S))
+    if "z" in names:
+        losses["z"] = router_z_loss(routing.router_logits, attention_mask=token_mask)
+    return losses
+
+
+def weighted_aux_loss(losses: dict[str, torch.Tensor], config: AuxLossConfig) -> torch.Tensor | None:
+    """``sum(coef * loss)`` over the losses with a coefficient above 0, or ``None`` if there are none."""
+    terms = [config.coef(name) * loss for name, loss in losses.items() if config.coef(name) > 0]
+    return torch.stack(terms).sum() if terms else None

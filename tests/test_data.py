@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from moe_ref import DOMAINS, build_corpus, decode, encode
-from moe_ref.data import arithmetic_text
+from moe_ref.book import DOMAINS, build_corpus, decode, encode
+from moe_ref.book.data import arithmetic_text
 
 
 @pytest.fixture(scope="module")

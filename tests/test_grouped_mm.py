@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-from moe_ref.grouped_mm import BACKENDS, grouped_mm, torch_backend_available
+from moe_ref import grouped_mm as top_level_grouped_mm
+from moe_ref.kernels.grouped_mm import (ALL_BACKENDS, BACKENDS, check_backend, default_backend, grouped_mm,
+                                        grouped_mm_unchecked, torch_backend_available)
 
 
 def reference(x, w, counts):
@@ -107,3 +109,25 @@ def test_bad_inputs(x, w, offsets, backend, error, match):
 def test_int64_offsets_accepted():
     out = grouped_mm(X, W, torch.tensor([3, 5, 10]), backend="torch")
     torch.testing.assert_close(out.double(), reference(X, W, [3, 2, 5]), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, None])
+def test_unchecked_equals_checked(backend):
+    counts = [3, 0, 7]
+    x = torch.randn(10, 5, requires_grad=True)
+    w = torch.randn(3, 5, 4, requires_grad=True)
+    checked = grouped_mm(x, w, offsets_of(counts), backend=backend)
+    unchecked = grouped_mm_unchecked(x, w, offsets_of(counts), backend=backend)
+    assert torch.equal(unchecked, checked)
+    g = torch.randn_like(checked)
+    assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(checked, [x, w], g),
+                                                  torch.autograd.grad(unchecked, [x, w], g)))
+    torch.testing.assert_close(checked.double(), reference(x, w, counts), atol=1e-5, rtol=1e-5)
+
+
+def test_backend_names_and_top_level_function():
+    assert top_level_grouped_mm is grouped_mm
+    assert check_backend(None) is None and all(check_backend(b) == b for b in ALL_BACKENDS)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        check_backend("cutlass")
+    assert default_backend(torch.float32, "cpu") == "torch" and default_backend(torch.float64, "cpu") == "loop"

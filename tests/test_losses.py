@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from moe_ref.losses import load_balancing_loss, router_z_loss, sequence_balance_loss
+from moe_ref.losses import AuxLossConfig, attach_aux_loss, load_balancing_loss, router_z_loss, sequence_balance_loss
 from moe_ref.routing import softmax_topk
 
 
@@ -37,6 +37,11 @@ def test_balance_loss_gradient_flows_through_probabilities_only():
     r = softmax_topk(logits, 2, norm_topk_prob=True)
     load_balancing_loss(r.router_probs, r.expert_indices).backward()
     assert logits.grad.abs().sum() > 0
+    # f is a constant (counts): the gradient is that of E * sum_i f_i * P_i with f held fixed
+    logits2 = logits.detach().clone().requires_grad_()
+    f = torch.bincount(r.expert_indices.reshape(-1), minlength=4).float() / (10 * 2)
+    (4 * (f * logits2.softmax(-1).mean(0)).sum()).backward()
+    torch.testing.assert_close(logits.grad, logits2.grad)
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
@@ -87,6 +92,46 @@ def test_sequence_balance_loss_by_hand():
 def test_sequence_balance_loss_is_one_at_balance(k):
     probs, indices = balanced(16, 8, k)
     assert sequence_balance_loss(probs.reshape(2, 8, 8), indices.reshape(2, 8, k)).item() == pytest.approx(1.0)
+
+
+def test_sequence_balance_loss_mask_drops_padding():
+    torch.manual_seed(0)
+    scores = torch.rand(2, 5, 4)
+    indices = scores.topk(2, dim=-1).indices
+    mask = torch.tensor([[1, 1, 0, 1, 0], [1, 1, 1, 1, 1]])
+    # padding leaves sequence 0 with its real tokens 0, 1, 3 only: the mean of the two sequences' losses
+    seq0 = sequence_balance_loss(scores[:1, [0, 1, 3]], indices[:1, [0, 1, 3]])
+    seq1 = sequence_balance_loss(scores[1:], indices[1:])
+    torch.testing.assert_close(sequence_balance_loss(scores, indices, attention_mask=mask), (seq0 + seq1) / 2)
+    # a sequence with no real token is left out of the mean
+    empty = torch.tensor([[0, 0, 0, 0, 0], [1, 1, 1, 1, 1]])
+    torch.testing.assert_close(sequence_balance_loss(scores, indices, attention_mask=empty), seq1)
+
+
+def test_attach_aux_loss_identity_forward_gradient_backward():
+    w = torch.tensor([1.0, 2.0], requires_grad=True)
+    out = w * 3.0
+    aux = (w ** 2).sum()
+    attached = attach_aux_loss(out, aux, scale=0.5)
+    assert torch.equal(attached, out)
+    attached.sum().backward()
+    # d(sum(3 w))/dw = 3, plus the aux loss's gradient 2 w times the scale 0.5
+    torch.testing.assert_close(w.grad, torch.tensor([3.0 + 1.0, 3.0 + 2.0]))
+    # an aux loss without a graph attaches nothing
+    plain = torch.ones(2)
+    assert attach_aux_loss(plain, torch.tensor(1.0)) is plain
+
+
+def test_aux_loss_config():
+    config = AuxLossConfig(balance_coef=0.1, z_coef=0.01)
+    assert (config.coef("balance"), config.coef("seq_balance"), config.coef("z")) == (0.1, 0.0, 0.01)
+    assert AuxLossConfig().coef("balance") == 0.01
+    with pytest.raises(ValueError, match="z_coef must be >= 0"):
+        AuxLossConfig(z_coef=-1.0)
+    with pytest.raises(ValueError, match="scale must be finite"):
+        AuxLossConfig(scale=float("inf"))
+    with pytest.raises(TypeError, match="compute_all must be a bool"):
+        AuxLossConfig(compute_all=1)
 
 
 def test_losses_gradcheck_float64():

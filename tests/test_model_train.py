@@ -2,8 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from moe_ref import FFN, ModelConfig, TinyTransformer, TrainConfig, attention_flops, build_corpus, train
-from moe_ref.train import aux_loss
+from moe_ref import FFN, MoE, attention_flops
+from moe_ref.book import ModelConfig, TinyTransformer, TrainConfig, build_corpus, train
+from moe_ref.book.train import aux_loss
 
 TINY = ModelConfig(block_size=32, d_model=32, n_layers=2, n_heads=2, d_hidden=64)
 
@@ -72,17 +73,35 @@ def test_training_reduces_loss_and_is_reproducible(corpus):
     assert h1.aux_loss == [0.0] * 40
 
 
+def test_residual_init_scales_ffn_and_expert_output_matrices():
+    torch.manual_seed(0)
+    config = ModelConfig(block_size=16, d_model=64, n_layers=8, n_heads=2, d_hidden=128)
+    model = TinyTransformer(config, ffn_factory=lambda i: MoE(64, 128, 8, 2) if i % 2 else FFN(64, 128))
+    small = 0.02 / (2 * config.n_layers) ** 0.5
+    for i, ffn in enumerate(model.ffns):
+        w_out = ffn.experts.w_out if i % 2 else ffn.w_out.weight
+        assert w_out.std().item() == pytest.approx(small, rel=0.1), i
+        if not i % 2:  # the other nn.Linear weights get GPT-2's 0.02
+            assert ffn.w_in.weight.std().item() == pytest.approx(0.02, rel=0.1), i
+    assert model.blocks[0].attn.proj.weight.std().item() == pytest.approx(small, rel=0.1)
+
+
 class _FFNWithHooks(nn.Module):
-    """An FFN-slot module that leaves an auxiliary loss and counts optimizer steps."""
+    """An FFN-slot module that leaves an auxiliary loss and counts optimizer steps.
+
+    Its ``aux_loss`` carries a graph to ``aux_weight``: the loop must record it but never add it to the loss
+    (an MoE layer attaches its auxiliary gradient to its output itself), so ``aux_weight`` never gets a gradient.
+    """
 
     def __init__(self):
         super().__init__()
         self.ffn = FFN(32, 64)
+        self.aux_weight = nn.Parameter(torch.ones(()))
         self.aux_loss, self.steps_seen = None, 0
 
     def forward(self, x):
         y = self.ffn(x)
-        self.aux_loss = 0.5 * y.pow(2).mean()
+        self.aux_loss = self.aux_weight * 0.5 * y.pow(2).mean()
         return y
 
     def after_optimizer_step(self):
@@ -100,6 +119,8 @@ def test_aux_loss_and_step_hooks(corpus):
               callback=lambda step, m, x, labels: seen.append((step, x.shape, labels.shape)))
     assert [f.steps_seen for f in model.ffns] == [3, 3]
     assert all(a > 0 for a in h.aux_loss)
+    assert all(f.aux_weight.grad is None for f in model.ffns)  # recorded, never added to the loss
+    assert all(f.ffn.w_in.weight.grad is not None for f in model.ffns)
     assert seen == [(s, (4, 32), (4,)) for s in range(3)]
     model(torch.zeros(1, 4, dtype=torch.long))
     expected = sum(f.aux_loss for f in model.ffns)

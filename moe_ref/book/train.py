@@ -1,10 +1,11 @@
-"""A small, seeded training loop for :class:`~moe_ref.model.TinyTransformer` on the :class:`~moe_ref.data.Corpus`.
+"""A small, seeded training loop for :class:`~moe_ref.book.model.TinyTransformer` on the :class:`~moe_ref.book.data.Corpus`.
 
-It knows two optional hooks of the module in a block's FFN slot, so that sparse layers need no special
-loop:
+Sparse layers need no special loop. An MoE layer attaches the gradient of its auxiliary losses to its own
+output (:func:`~moe_ref.losses.attach_aux_loss`), so ``loss.backward()`` on the language-model loss trains
+them too. The loop knows two optional attributes of any module:
 
-* ``module.aux_loss``: a scalar tensor the module set during its last forward (already weighted by its
-  coefficient), added to the language-model loss. Load-balancing losses arrive this way.
+* ``module.aux_loss``: the detached value of the weighted auxiliary losses of its last forward, recorded in
+  the :class:`History` (never added to the loss: its gradient is already on its way);
 * ``module.after_optimizer_step()``: called after every optimizer step (e.g. the auxiliary-loss-free
   bias update of DeepSeek-V3).
 """
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import _checks
+from .. import _checks
 from .data import Corpus
 
 
@@ -81,7 +82,7 @@ class History:
     Attributes:
         step: step indices ``0 .. steps-1``.
         loss: language-model loss of each training batch (without auxiliary losses).
-        aux_loss: sum of the FFN modules' auxiliary losses at each step (0.0 for dense models).
+        aux_loss: sum of the FFN modules' weighted auxiliary losses at each step (0.0 for dense models).
         lr: learning rate used at each step.
         val_step: steps after which the validation split was evaluated.
         val_loss: mean validation loss over domains at each ``val_step``.
@@ -100,7 +101,7 @@ class History:
 
 
 def aux_loss(model: nn.Module) -> torch.Tensor | None:
-    """Sum of the ``aux_loss`` tensors that modules of ``model`` set in the last forward, or ``None``."""
+    """Sum of the (detached) ``aux_loss`` values that modules of ``model`` set in the last forward, or ``None``."""
     losses = [m.aux_loss for m in model.modules() if isinstance(getattr(m, "aux_loss", None), torch.Tensor)]
     return torch.stack([l.reshape(()) for l in losses]).sum() if losses else None
 
@@ -144,7 +145,7 @@ def train(model: nn.Module, corpus: Corpus, config: TrainConfig | None = None, *
     """Train ``model`` in place with AdamW and return the :class:`History`.
 
     Args:
-        model: a :class:`~moe_ref.model.TinyTransformer` (anything with ``config.block_size`` whose
+        model: a :class:`~moe_ref.book.model.TinyTransformer` (anything with ``config.block_size`` whose
             ``forward(x, y)`` returns ``(logits, loss)``).
         corpus: the data.
         config: hyper-parameters (defaults to ``TrainConfig()``).
@@ -177,10 +178,9 @@ def train(model: nn.Module, corpus: Corpus, config: TrainConfig | None = None, *
         x, y, labels = corpus.get_batch("train", config.batch_size, block_size, generator)
         x, y = x.to(device), y.to(device)
         _, loss = model(x, y)
-        extra = aux_loss(model)
-        total = loss if extra is None else loss + extra
+        extra = aux_loss(model)  # for the record: its gradient is attached to the layers' outputs
         optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        loss.backward()
         if config.grad_clip is not None:
             nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()

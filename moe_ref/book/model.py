@@ -3,7 +3,7 @@
 The model is GPT-2 shaped (pre-norm blocks, learned positions, tied input and output embeddings) and small
 enough to train on a laptop CPU in a minute. Each block's FFN comes from ``ffn_factory(layer_index)``: a
 dense :class:`~moe_ref.ffn.FFN` by default, an MoE layer in later chapters. The model never looks inside the
-FFN; the training loop collects whatever auxiliary losses it leaves behind (see :mod:`moe_ref.train`).
+FFN; the training loop collects whatever auxiliary losses it leaves behind (see :mod:`moe_ref.book.train`).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _checks
-from .counting import attention_flops, count_params
-from .ffn import FFN
+from .. import _checks
+from ..counting import attention_flops, count_params
+from ..ffn import FFN
 
 
 @dataclass
@@ -114,9 +114,12 @@ class TinyTransformer(nn.Module):
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.head.weight = self.tok_emb.weight  # weight tying (Press & Wolf 2017)
         self.apply(self._init_weights)
-        # GPT-2: scale the init of projections that write into the residual stream by 1/sqrt(2 * n_layers).
+        # GPT-2: scale the init of projections that write into the residual stream by 1/sqrt(2 * n_layers):
+        # attention's output projection and every FFN's or expert's output matrix (FFN.w_out.weight,
+        # Experts.w_out). Parameters that are not nn.Linear / nn.Embedding weights keep their own init (the
+        # noisy router's zero noise weights, for one).
         for name, p in self.named_parameters():
-            if name.endswith(("proj.weight", "w_out.weight")):
+            if name.endswith(("proj.weight", "w_out.weight", ".w_out")):
                 nn.init.normal_(p, std=0.02 / (2 * config.n_layers) ** 0.5)
 
     @staticmethod

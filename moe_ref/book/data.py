@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _checks
+from .. import _checks
 
 DOMAINS = ("english", "python", "arithmetic")
 VOCAB_SIZE = 256

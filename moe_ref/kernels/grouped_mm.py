@@ -12,16 +12,18 @@ This is the semantics of ``torch.nn.functional.grouped_mm(x, w, offs=offsets)`` 
 3-D ``w``. Three backends compute it:
 
 * ``"loop"``: a Python loop over the experts, one ``x_e @ w[e]`` each. Readable, any dtype, any device.
-* ``"triton"``: the Triton kernel of chapter 6 (``moe_ref.triton_gmm.grouped_mm_triton``): a device-side
+* ``"triton"``: the Triton kernel of chapter 6 (``moe_ref.kernels.triton_gmm.grouped_mm_triton``): a device-side
   tile schedule over (expert, row block, column block), float32 accumulation; float32, float16 and bfloat16
   on CUDA, or float32 and float16 CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1`` set before
-  the kernels are imported). ``moe_ref.triton_gmm``, and so ``triton``, is imported only when this backend
-  is used.
+  the kernels are imported). ``moe_ref.kernels.triton_gmm``, and so ``triton``, is imported only when this
+  backend is used.
 * ``"torch"``: ``torch.nn.functional.grouped_mm``, one kernel for all groups. Its kernels want strides that
   are multiples of 16 bytes, so the inner dimension ``K`` and output dimension ``N`` are zero-padded up to
-  that alignment (zero rows and columns change no product) and the gradient arriving at its output is made
-  contiguous. It supports float32, bfloat16 and float16 on the CPU and bfloat16 on CUDA (compute
-  capability 8.0 or later); not float64.
+  that alignment (zero rows and columns change no product). It is wrapped in the custom operator
+  ``moe_ref::grouped_mm_torch`` with its own fake (meta) kernel and autograd formula, because the fake
+  kernel of ``aten._grouped_mm`` accepts only bfloat16, which breaks ``torch.compile`` on float32. It
+  supports float32, bfloat16 and float16 on the CPU and bfloat16 on CUDA (compute capability 8.0 or
+  later); not float64. Problems with no rows, ``K = 0`` or ``N = 0`` go to the loop.
 
 The default backend is ``"triton"`` on a CUDA GPU of compute capability 8.0 or later (Ampere, Hopper) when
 ``triton`` is installed and the dtype is float32, float16 or bfloat16; else ``"torch"`` where it supports the
@@ -111,19 +113,26 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, *, backe
             interpreter.
         ValueError: wrong shapes, offsets that decrease or do not end at ``M``, an unknown backend.
     """
+    check_backend(backend)
     _check_inputs(x, w, offsets)
-    return _grouped_mm(x, w, offsets, backend)
+    return grouped_mm_unchecked(x, w, offsets, backend=backend)
 
 
-def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, backend: str | None) -> torch.Tensor:
+def check_backend(backend: str | None) -> str | None:
+    """Return ``backend`` if it is ``None`` or one of :data:`ALL_BACKENDS`; raise a ``ValueError`` otherwise."""
+    if backend is not None and backend not in ALL_BACKENDS:
+        raise ValueError(f"backend must be one of {ALL_BACKENDS} or None, got {backend!r}")
+    return backend
+
+
+def grouped_mm_unchecked(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, *, backend: str | None = None
+                         ) -> torch.Tensor:
     """:func:`grouped_mm` without the input checks, for callers that built ``offsets`` themselves.
 
     The checks read the offsets on the host (``offsets.tolist()``), a device synchronisation on a GPU.
     """
     if backend is None:
         backend = default_backend(x.dtype, x.device)
-    elif backend not in ALL_BACKENDS:
-        raise ValueError(f"backend must be one of {ALL_BACKENDS} or None, got {backend!r}")
     if backend == "triton":
         return _grouped_mm_triton(x, w, offsets)
     if backend == "torch":
@@ -149,7 +158,7 @@ def _grouped_mm_triton(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) 
         raise RuntimeError(f"backend='triton' runs on CUDA tensors, or on CPU tensors under Triton's interpreter "
                            f"(set TRITON_INTERPRET=1 before importing moe_ref.triton_gmm); got {x.device.type} "
                            f"tensors without it")
-    from .triton_gmm import grouped_mm_triton
+    from .triton_gmm import grouped_mm_triton  # noqa: PLC0415 (imports triton: only when asked for)
     return grouped_mm_triton(x, w, offsets)
 
 
@@ -165,6 +174,8 @@ def _check_inputs(x, w, offsets) -> None:
         raise TypeError(f"x and w must have the same dtype, got x {x.dtype} and w {w.dtype}")
     if x.device != w.device:
         raise ValueError(f"x and w must be on the same device, got x on {x.device} and w on {w.device}")
+    if isinstance(offsets, torch.Tensor) and offsets.device != x.device:
+        raise ValueError(f"offsets must be on the device of x ({x.device}), got {offsets.device}")
     if x.shape[1] != w.shape[1]:
         raise ValueError(f"inner dimensions differ: x is {tuple(x.shape)} (K={x.shape[1]}) but w is "
                          f"{tuple(w.shape)} (K={w.shape[1]}); w must be [E, K, N]")
@@ -194,34 +205,64 @@ def _grouped_mm_loop(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) ->
     return torch.cat(outputs, dim=0)
 
 
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the incoming gradient contiguous.
-
-    The kernels behind ``F.grouped_mm`` reject gradients with zero or unaligned strides, such as the
-    expanded ones that ``out.sum().backward()`` produces.
-    """
-
-    @staticmethod
-    def forward(ctx, t):
-        return t.view_as(t)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad.contiguous()
-
-
-def _grouped_mm_torch(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """``torch.nn.functional.grouped_mm`` with ``K`` and ``N`` zero-padded to 16-byte strides."""
+def _align(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Zero-pad ``K`` and ``N`` to 16-byte strides; returns the padded ``x``, ``w`` and the true ``N``."""
     K, N = w.shape[1], w.shape[2]
-    if x.shape[0] == 0:  # nothing to multiply; the kernel's backward rejects the strides of empty gradients
-        return _grouped_mm_loop(x, w, offsets)
     align = max(1, 16 // x.element_size())
     pad_k, pad_n = -K % align, -N % align
     if pad_k:  # zero columns of x meet zero rows of w: the product is unchanged
         x = F.pad(x, (0, pad_k))
         w = F.pad(w, (0, 0, 0, pad_k))
-    if pad_n:  # extra zero output columns, sliced off below
+    if pad_n:  # extra zero output columns, sliced off
         w = F.pad(w, (0, pad_n))
-    out = F.grouped_mm(x.contiguous(), w.contiguous(), offs=offsets.to(device=x.device, dtype=torch.int32))
-    out = _ContiguousGrad.apply(out)
-    return out[:, :N] if pad_n else out
+    return x.contiguous(), w.contiguous(), N
+
+
+@torch.library.custom_op("moe_ref::grouped_mm_torch", mutates_args=())
+def _op_torch(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    x, w, N = _align(x, w)
+    out = F.grouped_mm(x, w, offs=offsets)
+    return out[:, :N].contiguous()
+
+
+@_op_torch.register_fake
+def _(x, w, offsets):
+    return x.new_empty((x.shape[0], w.shape[2]))
+
+
+@torch.library.custom_op("moe_ref::grouped_mm_torch_dw", mutates_args=())
+def _op_torch_dw(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """``dw[e] = x[group e]^T dy[group e]`` ``[E, K, N]``: ``grouped_mm`` of two 2-D operands."""
+    K, N = x.shape[1], dy.shape[1]
+    align = max(1, 16 // x.element_size())
+    x_t = F.pad(x, (0, -K % align)).contiguous().t()  # [K', M], column-major
+    dy = F.pad(dy, (0, -N % align)).contiguous()  # [M, N']
+    return F.grouped_mm(x_t, dy, offs=offsets)[:, :K, :N].contiguous()
+
+
+@_op_torch_dw.register_fake
+def _(x, dy, offsets, num_experts):
+    return x.new_empty((num_experts, x.shape[1], dy.shape[1]))
+
+
+def _torch_setup_context(ctx, inputs, output):
+    x, w, offsets = inputs
+    ctx.save_for_backward(x, w, offsets)
+
+
+def _torch_backward(ctx, dy):
+    x, w, offsets = ctx.saved_tensors
+    dy = dy.contiguous()  # e.g. the expanded gradient of out.sum() has zero strides
+    dx = _op_torch(dy, w.transpose(1, 2), offsets) if ctx.needs_input_grad[0] else None
+    dw = _op_torch_dw(x, dy, offsets, w.shape[0]) if ctx.needs_input_grad[1] else None
+    return dx, dw, None
+
+
+_op_torch.register_autograd(_torch_backward, setup_context=_torch_setup_context)
+
+
+def _grouped_mm_torch(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """The ``"torch"`` backend: the custom operator, or the loop for problems with an empty dimension."""
+    if x.shape[0] == 0 or w.shape[1] == 0 or w.shape[2] == 0:
+        return _grouped_mm_loop(x, w, offsets)
+    return _op_torch(x, w, offsets.to(device=x.device, dtype=torch.int32))

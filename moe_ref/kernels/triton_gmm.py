@@ -1,6 +1,6 @@
-"""Chapter 6: a grouped GEMM in Triton, the ``"triton"`` backend of :func:`~moe_ref.grouped_mm.grouped_mm`.
+"""Chapter 6: a grouped GEMM in Triton, the ``"triton"`` backend of :func:`~moe_ref.kernels.grouped_mm.grouped_mm`.
 
-The problem is the one of :mod:`moe_ref.grouped_mm`: rows of ``x`` ``[M, K]`` come in ragged groups, one
+The problem is the one of :mod:`moe_ref.kernels.grouped_mm`: rows of ``x`` ``[M, K]`` come in ragged groups, one
 per expert, given by the cumulative row ends ``offsets`` ``[E]``; group ``e`` is multiplied by ``w[e]``
 ``[K, N]``. An ordinary tiled matmul cuts the output ``[M, N]`` into ``BLOCK_M x BLOCK_N`` tiles, one
 program each. Here a row tile must not straddle two experts (it would need two weight matrices), so every
@@ -41,7 +41,7 @@ and ``torch.compile`` see one opaque operator.
 ``N`` and ``K``. Under Triton's CPU interpreter (``TRITON_INTERPRET=1``, which must be set before this
 module is imported) exactly one small configuration is used: the autotuner and ``do_bench`` need a driver.
 
-This module imports ``triton`` at its top; :mod:`moe_ref.grouped_mm` imports it only when the ``"triton"``
+This module imports ``triton`` at its top; :mod:`moe_ref.kernels.grouped_mm` imports it only when the ``"triton"``
 backend is asked for, or chosen by default on a CUDA GPU.
 """
 
@@ -273,7 +273,7 @@ def grouped_mm_triton(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
 
     ``out[r] = x[gather_indices[r]] @ w[e]`` for every row ``r`` of group ``e`` (``x[r]`` without
     ``gather_indices``). No input checks beyond dtypes and devices: call
-    :func:`~moe_ref.grouped_mm.grouped_mm` with ``backend="triton"`` for the checked version without
+    :func:`~moe_ref.kernels.grouped_mm.grouped_mm` with ``backend="triton"`` for the checked version without
     gather.
 
     Args:
