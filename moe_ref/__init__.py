@@ -38,6 +38,15 @@ from .routing import (Routing, expert_choice, expert_choice_capacity, noisy_logi
 
 __version__ = "0.2.0"
 
+
+def __getattr__(name: str):
+    # moe_ref.book (the notebooks' helpers) is imported on first use, not with the library
+    if name == "book":
+        import importlib
+
+        return importlib.import_module(".book", __name__)
+    raise AttributeError(f"module 'moe_ref' has no attribute {name!r}")
+
 __all__ = [
     "FFN", "ACTIVATIONS", "GATED", "count_params", "ffn_params", "ffn_flops", "attention_flops",
     "MoE", "IMPLS", "Experts", "SharedExpertConfig", "ResidualConfig", "MoEParams", "moe_params", "moe_flops",

@@ -186,6 +186,9 @@ def queue_positions(expert_indices: torch.Tensor, num_experts: int, *, group_siz
         ``[T, k]`` int64 positions.
     """
     _checks.choice("drop_priority", drop_priority, DROP_PRIORITIES)
+    if not isinstance(expert_indices, torch.Tensor) or expert_indices.dtype != torch.int64 or expert_indices.dim() != 2:
+        raise TypeError(f"expert_indices must be a [T, k] int64 tensor, got {getattr(expert_indices, 'dtype', None)} "
+                        f"{tuple(getattr(expert_indices, 'shape', ()))}")
     T, k = expert_indices.shape
     _checks.positive_int("group_size", group_size)
     if T % group_size:

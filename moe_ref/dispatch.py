@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import _checks
 from .capacity import CapacityRecord
 from .experts import Experts
 from .routing import Routing, router_float
@@ -42,6 +43,7 @@ class DispatchPlan:
         offsets: ``[E]`` int32, cumulative group ends (``offsets[-1] == A``), as
             :func:`~moe_ref.kernels.grouped_mm.grouped_mm` takes them.
         slots: slots per token of the routing (``k``, or ``E`` for expert choice).
+        num_tokens: ``T``, the tokens of the routing.
     """
 
     pair_ids: torch.Tensor
@@ -51,6 +53,7 @@ class DispatchPlan:
     tokens_per_expert: torch.Tensor
     offsets: torch.Tensor
     slots: int
+    num_tokens: int
 
 
 def computed_mask(routing: Routing, capacity: CapacityRecord | None = None) -> torch.Tensor | None:
@@ -67,6 +70,10 @@ def sort_by_expert(routing: Routing, capacity: CapacityRecord | None = None) -> 
     The sort is stable, so within an expert's group the tokens keep their order (and the result is
     deterministic). With a ``capacity`` record, only the kept pairs are in the plan.
     """
+    if not isinstance(routing, Routing):
+        raise TypeError(f"routing must be a Routing, got {type(routing).__name__}")
+    if capacity is not None and not isinstance(capacity, CapacityRecord):
+        raise TypeError(f"capacity must be a CapacityRecord or None, got {type(capacity).__name__}")
     mask = computed_mask(routing, capacity)
     pair_ids = torch.arange(routing.expert_indices.numel(), device=routing.expert_indices.device)
     expert_ids, weights = routing.expert_indices.reshape(-1), routing.combine_weights.reshape(-1)
@@ -79,11 +86,14 @@ def sort_by_expert(routing: Routing, capacity: CapacityRecord | None = None) -> 
     return DispatchPlan(pair_ids=pair_ids, token_ids=pair_ids // max(routing.slots, 1),
                         expert_ids=expert_ids[order], combine_weights=weights[order],
                         tokens_per_expert=tokens_per_expert, offsets=tokens_per_expert.cumsum(0).to(torch.int32),
-                        slots=routing.slots)
+                        slots=routing.slots, num_tokens=routing.num_tokens)
 
 
 def permute(x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
     """Step 2: ``x`` ``[T, d]`` -> ``x_sorted`` ``[A, d]``, row ``a`` being token ``plan.token_ids[a]``."""
+    _checks.float_tensor("x", x)
+    if x.dim() != 2 or x.shape[0] != plan.num_tokens:
+        raise ValueError(f"x must be [T, d] with T={plan.num_tokens} (the plan's tokens), got shape {tuple(x.shape)}")
     return x.index_select(0, plan.token_ids)
 
 
@@ -108,10 +118,16 @@ def combine_pairs(y_pairs: torch.Tensor, weights: torch.Tensor, pair_ids: torch.
     return rows.view(num_tokens, slots, d).sum(dim=1)
 
 
-def combine(y_sorted: torch.Tensor, plan: DispatchPlan, num_tokens: int) -> torch.Tensor:
-    """Step 4: ``y_sorted`` ``[A, d]`` -> ``[num_tokens, d]``, the combine-weighted sum of each token's rows
-    (:func:`combine_pairs`)."""
-    return combine_pairs(y_sorted, plan.combine_weights, plan.pair_ids, num_tokens, plan.slots)
+def combine(y_sorted: torch.Tensor, plan: DispatchPlan, num_tokens: int | None = None) -> torch.Tensor:
+    """Step 4: ``y_sorted`` ``[A, d]`` -> ``[T, d]``, the combine-weighted sum of each token's rows
+    (:func:`combine_pairs`). ``num_tokens``, if given, must be the plan's ``T``."""
+    _checks.float_tensor("y_sorted", y_sorted)
+    A = plan.pair_ids.shape[0]
+    if y_sorted.dim() != 2 or y_sorted.shape[0] != A:
+        raise ValueError(f"y_sorted must be [A, d] with A={A} (the plan's assignments), got {tuple(y_sorted.shape)}")
+    if num_tokens is not None and num_tokens != plan.num_tokens:
+        raise ValueError(f"num_tokens must be the plan's T={plan.num_tokens}, got {num_tokens}")
+    return combine_pairs(y_sorted, plan.combine_weights, plan.pair_ids, plan.num_tokens, plan.slots)
 
 
 def routed_grouped(experts: Experts, x: torch.Tensor, routing: Routing, capacity: CapacityRecord | None = None,

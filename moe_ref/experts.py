@@ -101,6 +101,10 @@ class Experts(nn.Module):
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert ``e`` alone on ``x`` ``[n, d_model]``, with ordinary matmuls."""
+        _checks.positive_int("e", e, minimum=0)
+        if e >= self.num_experts:
+            raise ValueError(f"e must be < num_experts={self.num_experts}, got {e}")
+        _checks.float_tensor("x", x, last_dim=self.d_model)
         w_up = None if self.w_up is None else self.w_up[e]
         return ffn_forward(x, self.act, self.w_in[e], w_up, self.w_out[e], _matmul)
 

@@ -33,9 +33,12 @@ the experts (``dropout_rate``, training mode only) is not reproduced.
 **Jitter.** ``router_jitter_noise`` (on by default in Switch configs, 0.01) multiplies the router's input by
 ``U(1 - eps, 1 + eps)`` noise in training mode; Mixtral's multiplies the whole block input, so the experts
 see it too. Both become :class:`~moe_ref.routers.RouterConfig` ``jitter_noise`` (with ``jitter_experts``
-for Mixtral). In eval mode there is no noise and the two agree exactly; in training mode they draw the same
-noise from the same generator state, so they agree too when seeded alike (and, for Switch, with
-``dropout_rate=0``).
+for Mixtral). In eval mode there is no noise and the two agree exactly. In training mode, seeded alike, they
+draw the same noise: Mixtral agrees, and Switch routes the same tokens to the same experts. Switch's outputs
+then agree in bfloat16 but not in float32, where ``transformers`` multiplies the block's input tensor in
+place (its cast to float32 returns the same tensor), so its experts see the jittered input too; the Switch
+paper jitters the router's input only, which is what the converted layer does (``jitter_experts=True``
+reproduces the float32 block).
 
 ``transformers`` is imported only by :func:`from_hf`, never by ``import moe_ref``. The MoE returned is in
 training mode like any new module, has the dtype and device of the block's expert weights (its router

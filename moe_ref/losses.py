@@ -82,8 +82,9 @@ class _AttachAuxLoss(torch.autograd.Function):
 def attach_aux_loss(out: torch.Tensor, aux_loss: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """``out`` unchanged, with the gradient of the scalar ``aux_loss`` (times ``scale``) attached to it.
 
-    Whatever backward reaches ``out`` also back-propagates ``aux_loss``, once. A no-op when ``aux_loss`` does
-    not require a gradient.
+    Whatever backward reaches ``out`` also back-propagates ``aux_loss``, once per backward pass through
+    ``out``: a caller that differentiates one forward several times (``retain_graph=True``, ``gradcheck``,
+    Jacobians) gets it each time. A no-op when ``aux_loss`` does not require a gradient.
     """
     if not aux_loss.requires_grad:
         return out
@@ -110,6 +111,11 @@ def _token_mask(attention_mask, shape: torch.Size, device, dtype=torch.float32) 
         raise ValueError(f"attention_mask must have one entry per token ({shape.numel()}), "
                          f"got shape {tuple(attention_mask.shape)}")
     return attention_mask.reshape(-1).to(device=device, dtype=dtype)
+
+
+def _masked(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``values`` where ``mask`` is non-zero, 0 elsewhere: a select, so a NaN in padding stays out (NaN * 0 = NaN)."""
+    return torch.where(mask > 0, values, torch.zeros_like(values))
 
 
 def load_balancing_loss(router_probs: torch.Tensor, expert_indices: torch.Tensor, *,
@@ -146,7 +152,7 @@ def load_balancing_loss(router_probs: torch.Tensor, expert_indices: torch.Tensor
     counts = counts.scatter_add_(0, indices.reshape(-1), mask.repeat_interleave(k))
     n_tokens = mask.sum().clamp_min(1.0)  # all-padding batches give 0, not NaN
     f = counts / (n_tokens * k)
-    P = (probs * mask.unsqueeze(-1)).sum(dim=0) / n_tokens
+    P = _masked(probs, mask.unsqueeze(-1)).sum(dim=0) / n_tokens
     return E * (f * P).sum()
 
 
@@ -168,7 +174,7 @@ def router_z_loss(router_logits: torch.Tensor, *, attention_mask: torch.Tensor |
     mask = _token_mask(attention_mask, z.shape, z.device, z.dtype)
     if mask is None:
         return z.mean()
-    return (z * mask).sum() / mask.sum().clamp_min(1.0)
+    return _masked(z, mask).sum() / mask.sum().clamp_min(1.0)
 
 
 def sequence_balance_loss(router_scores: torch.Tensor, expert_indices: torch.Tensor, *,
@@ -203,7 +209,7 @@ def sequence_balance_loss(router_scores: torch.Tensor, expert_indices: torch.Ten
         1, expert_indices.reshape(B, S * k), mask.repeat_interleave(k, dim=1))
     real = mask.sum(dim=1)  # [B] real tokens of each sequence
     f = counts * E / (k * real.clamp_min(1.0)).unsqueeze(1)
-    P = (probs * mask.unsqueeze(-1)).sum(dim=1) / real.clamp_min(1.0).unsqueeze(1)
+    P = _masked(probs, mask.unsqueeze(-1)).sum(dim=1) / real.clamp_min(1.0).unsqueeze(1)
     has_tokens = (real > 0).to(probs.dtype)
     return ((f * P).sum(dim=-1) * has_tokens).sum() / has_tokens.sum().clamp_min(1.0)
 

@@ -67,7 +67,8 @@ IMPLS = {"grouped": routed_grouped, "naive": routed_naive, "einsum": routed_eins
 
 def _optional(name: str, value, cls):
     if value is not None and not isinstance(value, cls):
-        raise TypeError(f"{name} must be a {cls.__name__} or None, got {type(value).__name__}")
+        article = "an" if cls.__name__[0] in "AEIOU" else "a"
+        raise TypeError(f"{name} must be {article} {cls.__name__} or None, got {type(value).__name__}")
     return value
 
 
@@ -77,8 +78,15 @@ def _sequence_length(shape: torch.Size, num_tokens: int) -> int:
 
 
 def _recomputing() -> bool:
-    """Whether this forward runs inside a backward pass: activation checkpointing recomputing it."""
-    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+    """Whether this forward runs inside a backward pass: activation checkpointing recomputing it.
+
+    The autograd engine runs a graph task during backward, and only then; a recomputed forward (reentrant or
+    not) runs inside it. ``torch._C._current_graph_task_id`` is private, so its absence means "no".
+    """
+    if torch.compiler.is_compiling():
+        return False
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1
 
 
 class MoE(nn.Module):

@@ -24,8 +24,8 @@ is 0 anyway.
 **Non-finite input.** The einsum form multiplies every token by the zeros of the one-hot tensors, and
 ``0 * inf`` is NaN: one token holding ``inf`` would turn every buffer, and so every token's output, into NaN.
 :func:`routed_einsum` therefore dispatches the tokens with their non-finite rows zeroed and gives those
-tokens a NaN output afterwards, so the damage stays with the token that carried it, as in the other
-implementations. Both forms combine in float32 (float64 for float64 input).
+tokens a NaN output afterwards (if they were routed at all), so the damage stays with the token that
+carried it, as in the other implementations. Both forms combine in float32 (float64 for float64 input).
 """
 
 from __future__ import annotations
@@ -107,7 +107,8 @@ def routed_einsum(experts: Experts, x: torch.Tensor, routing: Routing, capacity:
     x_padded = torch.einsum("tec,td->ecd", dispatch_mask.to(x.dtype), x_finite)  # [E, C, d]
     y_padded = router_float(experts.padded(x_padded))
     out = torch.einsum("tec,ecd->td", combine_weights.to(y_padded.dtype), y_padded)
-    return torch.where(finite, out, torch.full_like(out, float("nan")))
+    computed = (slots >= 0).any(dim=1, keepdim=True)  # padding and fully dropped tokens stay 0, as elsewhere
+    return torch.where(finite | ~computed, out, torch.full_like(out, float("nan")))
 
 
 def routed_padded(experts: Experts, x: torch.Tensor, routing: Routing, capacity: CapacityRecord | None = None,

@@ -160,10 +160,19 @@ class Router(nn.Module):
 
         Returns the :class:`~moe_ref.routing.Routing` of the ``T`` tokens.
         """
+        x, token_mask = self._check_input(x, token_mask)
+        return self.route(self.logits(x), token_mask)
+
+    def _check_input(self, x, token_mask) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Check ``x`` and ``token_mask``; return ``x`` with padding rows zeroed (whatever padding holds, NaN
+        included, never reaches the logits, the losses or the gate's gradient) and the mask as ``[T]`` bool."""
         _checks.float_tensor("x", x, last_dim=self.d_model)
         if x.dim() != 2:
             raise ValueError(f"x must be [T, d_model], got shape {tuple(x.shape)}")
-        return self.route(self.logits(x), token_mask)
+        token_mask = _checks.token_mask(token_mask, x.shape[:1], x.device)
+        if token_mask is not None:
+            x = torch.where(token_mask.unsqueeze(1), x, torch.zeros_like(x))
+        return x, token_mask
 
     def record_load(self, tokens_per_expert: torch.Tensor) -> None:
         """Count a training step's load (used by the sigmoid router's bias update; a no-op here)."""
@@ -221,7 +230,7 @@ class NoisyTopKRouter(Router):
 
     def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> Routing:
         """As :meth:`Router.forward`; ``router_logits`` hold the noisy logits in training mode."""
-        _checks.float_tensor("x", x, last_dim=self.d_model)
+        x, token_mask = self._check_input(x, token_mask)
         logits = self.logits(x)
         if self.training:
             x = router_float(x)

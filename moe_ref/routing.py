@@ -92,6 +92,9 @@ class Routing:
         """
         if token_mask is None:
             return self
+        if token_mask.shape != (self.num_tokens,) or token_mask.dtype != torch.bool:
+            raise ValueError(f"token_mask must be a [T] = [{self.num_tokens}] bool tensor, got "
+                             f"{token_mask.dtype} {tuple(token_mask.shape)}")
         mask = token_mask.unsqueeze(1).expand_as(self.expert_indices)
         mask = mask if self.mask is None else mask & self.mask
         return replace(self, mask=mask, combine_weights=self.combine_weights.masked_fill(~mask, 0.0),
@@ -215,6 +218,8 @@ def sigmoid_grouped_topk(logits: torch.Tensor, k: int, *, expert_bias: torch.Ten
     scores = logits.sigmoid()
     selection = scores.detach()
     if expert_bias is not None:
+        if not isinstance(expert_bias, torch.Tensor) or expert_bias.shape != (E,):
+            raise ValueError(f"expert_bias must be a [E] = [{E}] tensor, got {tuple(getattr(expert_bias, 'shape', ()))}")
         selection = selection + router_float(expert_bias).to(scores.dtype)
     if n_group > 1:
         per_group = E // n_group

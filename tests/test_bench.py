@@ -1,8 +1,11 @@
 import json
+import statistics
+import subprocess
+import sys
 
 import pytest
 
-from moe_ref.bench import DEFAULT_CANDIDATES, LAYER_CANDIDATES, bench_layer, format_layer, main
+from moe_ref.book.bench import DEFAULT_CANDIDATES, LAYER_CANDIDATES, bench_layer, format_layer, main
 
 pytest.importorskip("transformers")
 
@@ -15,16 +18,26 @@ def test_bench_layer_result_structure():
     assert list(result["results"]) == list(LAYER_CANDIDATES)
     for key in ("torch", "transformers", "cpu", "threads", "date", "load_average", "load_average_after"):
         assert key in result["env"]
+    assert result["env"]["threads"] == 1
     assert result["config"]["tokens"] == 32 and result["config"]["dtype"] == "float32"
+    reference = result["results"]["moe_ref"]["median_ms"]
     for name, r in result["results"].items():
-        assert len(r["times_ms"]) == 2 and r["median_ms"] > 0 and r["min_ms"] <= r["median_ms"]
-        assert r["ratio"] == pytest.approx(r["median_ms"] / result["results"]["moe_ref"]["median_ms"])
-        if name == "dense":
-            assert r["max_abs_diff"] is None
-        else:  # identical weights: the same function
-            assert r["max_abs_diff"] < 1e-5
-    assert result["results"]["moe_ref"]["ratio"] == 1.0
-    assert "hf_grouped_mm" in format_layer(result)
+        assert len(r["times_ms"]) == 2 and all(t > 0 for t in r["times_ms"])
+        assert r["median_ms"] == pytest.approx(statistics.median(r["times_ms"]))
+        assert r["min_ms"] == min(r["times_ms"])
+        assert r["ratio"] == pytest.approx(r["median_ms"] / reference)
+    for name in ("hf_eager", "hf_grouped_mm", "moe_ref_padded"):  # identical weights: the same function
+        assert result["results"][name]["max_abs_diff"] < 1e-5
+    assert result["results"]["dense"]["max_abs_diff"] is None  # a different function: nothing to compare
+    table = format_layer(result)
+    assert all(name in table for name in LAYER_CANDIDATES)
+
+
+def test_default_candidates_and_moe_ref_always_first():
+    result = bench_layer(**{**TINY, "reps": 1, "warmup": 0})
+    assert list(result["results"]) == list(DEFAULT_CANDIDATES) and "moe_ref_padded" not in result["results"]
+    result = bench_layer(**{**TINY, "reps": 1, "warmup": 0}, candidates=("dense",))
+    assert list(result["results"]) == ["moe_ref", "dense"]  # the reference of the ratios is always run
 
 
 def test_cli_writes_json(tmp_path, capsys):
@@ -33,8 +46,14 @@ def test_cli_writes_json(tmp_path, capsys):
           "--warmup", "0", "--threads", "1", "--candidates", "moe_ref", "dense", "--json", str(path)])
     data = json.loads(path.read_text())
     assert list(data["results"]) == ["moe_ref", "dense"] and data["env"]["threads"] == 1
+    assert data["config"]["d_model"] == 16 and data["config"]["tokens"] == 16
     assert "moe_ref" in capsys.readouterr().out
-    assert set(DEFAULT_CANDIDATES) <= set(LAYER_CANDIDATES)
+
+
+def test_module_entry_point():
+    # ``python -m moe_ref.bench`` is the command line of moe_ref.book.bench
+    done = subprocess.run([sys.executable, "-m", "moe_ref.bench", "layer", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "--candidates" in done.stdout
 
 
 def test_bad_arguments():

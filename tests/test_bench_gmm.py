@@ -6,7 +6,7 @@ No GPU number is produced or stored here; the plot test feeds clearly artificial
 import pytest
 import torch
 
-from moe_ref.bench import GMM_SHAPES, gmm_problems, main, plot_gmm, random_group_sizes, roofline_tflops
+from moe_ref.book.bench import GMM_SHAPES, format_gmm, gmm_problems, main, plot_gmm, random_group_sizes, roofline_tflops
 
 
 def test_mixtral_problems():
@@ -20,9 +20,11 @@ def test_mixtral_problems():
 
 def test_group_sizes_and_roofline():
     counts = random_group_sizes(100, 2, 8)
-    assert len(counts) == 8 and sum(counts) == 200
-    # tiny problem: memory bound; huge one: compute bound
-    assert roofline_tflops(16, 16, 16, 1, 1000.0, 1.0) < 1000.0
+    assert len(counts) == 8 and sum(counts) == 200 and max(counts) <= 100  # k distinct experts per token
+    assert counts == random_group_sizes(100, 2, 8) and counts != random_group_sizes(100, 2, 8, seed=1)
+    # tiny problem: memory bound, intensity * bandwidth = 2 * 16^3 FLOP / (2 bytes * 3 * 16^2) * 1 TB/s
+    assert roofline_tflops(16, 16, 16, 1, 1000.0, 1.0) == pytest.approx(2 * 16**3 / (2 * 3 * 16**2))
+    # huge one: compute bound
     assert roofline_tflops(32768, 4096, 14336, 8, 1000.0, 3.0) == 1000.0
 
 
@@ -43,4 +45,6 @@ def test_plot_gmm(tmp_path):
                                                        for m in ("forward", "forward+backward"))])
     path = tmp_path / "gmm.png"
     plot_gmm(fake, str(path), peak_tflops=10.0, peak_bandwidth_tbs=1.0)
-    assert path.stat().st_size > 0
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = format_gmm(fake).splitlines()
+    assert len(table) == 2 + len(fake["results"]) and "forward+backward" in table[-1]

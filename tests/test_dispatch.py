@@ -1,133 +1,100 @@
+"""Sort, permute and combine (:mod:`moe_ref.dispatch`) on routings written by hand; the fixed-size buffers of
+:mod:`moe_ref.padded` are tested in ``test_padded.py``."""
+
 import pytest
 import torch
 
-from moe_ref import MoE, Routing, apply_capacity, buffer_slots, dispatch_tensors, experts_padded
-from moe_ref.moe import permute, sort_by_expert
+from moe_ref import MoE, Routing, apply_capacity
+from moe_ref.dispatch import combine, combine_pairs, permute, routed_grouped, routed_naive, sort_by_expert
 
-IMPLS = ["grouped", "naive", "einsum", "padded"]
-
-CONFIGS = {
-    "dropless": {},
-    "position": dict(capacity_factor=0.75),
-    "choice_batch": dict(capacity_factor=0.75, drop_priority="choice", capacity_group="batch"),
-    "score_min": dict(capacity_factor=0.5, drop_priority="score", min_capacity=3),
-    "explicit": dict(capacity=2),
-    "sigmoid": dict(router="sigmoid", n_group=2, topk_group=1, capacity_factor=1.0),
-    "expert_choice": dict(router="expert_choice", capacity_factor=1.25),
-}
+# 3 tokens, 3 experts, k = 2: t0 -> (2, 0), t1 -> (0, 1), t2 -> (2, 0)
+EXPERTS = torch.tensor([[2, 0], [0, 1], [2, 0]])
+WEIGHTS = torch.tensor([[0.6, 0.4], [0.7, 0.3], [0.5, 0.5]])
 
 
-def run(config, impl, x, g):
-    torch.manual_seed(0)
-    moe = MoE(16, 24, 4, 2, impl=impl, **CONFIGS[config])
-    x = x.detach().clone().requires_grad_()
-    y = moe(x)
-    grads = torch.autograd.grad(y, [x, *moe.parameters()], g)
-    return y, grads, moe
+def hand_routing(mask=None):
+    logits = torch.zeros(3, 3)
+    chosen = EXPERTS.reshape(-1) if mask is None else EXPERTS[mask]
+    return Routing(EXPERTS, WEIGHTS if mask is None else WEIGHTS * mask, logits, logits.softmax(-1),
+                   logits.softmax(-1), torch.bincount(chosen, minlength=3), mask=mask)
 
 
-@pytest.mark.parametrize("config", list(CONFIGS))
-def test_all_impls_agree_forward_and_backward(config):
-    torch.manual_seed(1)
-    x = torch.randn(3, 8, 16)
-    g = torch.randn(3, 8, 16)
-    y_ref, grads_ref, moe_ref_ = run(config, "grouped", x, g)
-    if config not in ("dropless", "expert_choice"):
-        assert moe_ref_.num_dropped > 0  # the comparison covers drops
-    for impl in IMPLS[1:]:
-        y, grads, moe = run(config, impl, x, g)
-        assert torch.equal(moe.last_routing.mask if moe.last_routing.mask is not None else torch.tensor(0),
-                           moe_ref_.last_routing.mask if moe_ref_.last_routing.mask is not None else torch.tensor(0))
-        torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5, msg=f"{impl} forward")
-        for a, b in zip(grads, grads_ref):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=f"{impl} backward")
+def test_sort_by_expert_by_hand():
+    plan = sort_by_expert(hand_routing())
+    # expert 0: pairs (t0, 1), (t1, 0), (t2, 1); expert 1: (t1, 1); expert 2: (t0, 0), (t2, 0); stable order
+    assert plan.pair_ids.tolist() == [1, 2, 5, 3, 0, 4]
+    assert plan.token_ids.tolist() == [0, 1, 2, 1, 0, 2]
+    assert plan.expert_ids.tolist() == [0, 0, 0, 1, 2, 2]
+    torch.testing.assert_close(plan.combine_weights, torch.tensor([0.4, 0.7, 0.5, 0.3, 0.6, 0.5]))
+    assert plan.tokens_per_expert.tolist() == [3, 1, 2]
+    assert plan.offsets.tolist() == [3, 4, 6] and plan.offsets.dtype == torch.int32 and plan.slots == 2
 
 
-def hand_routing():
-    """3 tokens, 2 experts, k = 1: t0 and t2 to expert 1, t1 to expert 0; capacity 1 drops t2."""
-    experts = torch.tensor([[1], [0], [1]])
-    weights = torch.tensor([[0.9], [0.6], [0.7]])
-    logits = torch.zeros(3, 2)
-    routing = Routing(experts, weights, logits, logits.softmax(-1), logits.softmax(-1), torch.tensor([1, 2]))
-    return apply_capacity(routing, 1, group_size=3)
-
-
-def test_dispatch_tensors_by_hand():
+def test_sort_by_expert_leaves_out_padding_and_drops():
+    mask = torch.tensor([[True, True], [False, False], [True, True]])  # t1 is padding
+    plan = sort_by_expert(hand_routing(mask))
+    assert plan.pair_ids.tolist() == [1, 5, 0, 4] and plan.offsets.tolist() == [2, 2, 4]
+    # capacity 1 per expert (one group of 3 tokens, position order): t2's pairs do not fit
     routing = hand_routing()
-    slots, num_slots = buffer_slots(routing)
-    assert slots.tolist() == [[0], [0], [-1]] and num_slots == 1
-    dispatch_mask, combine_weights = dispatch_tensors(routing, slots, num_slots)
-    assert dispatch_mask.shape == (3, 2, 1) and dispatch_mask.dtype == torch.bool
-    expected = torch.zeros(3, 2, 1, dtype=torch.bool)
-    expected[0, 1, 0] = expected[1, 0, 0] = True  # t2 is dropped: no slot anywhere
-    assert torch.equal(dispatch_mask, expected)
-    torch.testing.assert_close(combine_weights, expected * torch.tensor([0.9, 0.6, 0.0]).view(3, 1, 1))
+    capacity = apply_capacity(routing, 1, group_size=3)
+    assert capacity.dropped.tolist() == [[False, False], [True, False], [True, True]]
+    plan = sort_by_expert(routing, capacity)
+    assert plan.pair_ids.tolist() == [1, 3, 0] and plan.token_ids.tolist() == [0, 1, 0]
+    assert plan.tokens_per_expert.tolist() == [1, 1, 1]
 
 
-def test_buffers_per_sequence():
-    # 2 sequences of 3 tokens, all to expert 0 with capacity 2: rows 0-1 of expert 0's buffer are sequence 0's
-    experts = torch.zeros(6, 1, dtype=torch.int64)
-    logits = torch.zeros(6, 2)
-    routing = Routing(experts, torch.ones(6, 1), logits, logits, logits, torch.tensor([6, 0]))
-    routing = apply_capacity(routing, 2, group_size=3)
-    slots, num_slots = buffer_slots(routing)
-    assert num_slots == 4 and slots.view(-1).tolist() == [0, 1, -1, 2, 3, -1]
-    dispatch_mask, _ = dispatch_tensors(routing, slots, num_slots)
-    assert dispatch_mask.sum().item() == 4 and dispatch_mask[:, 1].sum().item() == 0
-
-
-def test_einsum_and_index_buffers_equal():
-    torch.manual_seed(0)
-    moe = MoE(16, 24, 4, 2, capacity_factor=0.75)
-    x = torch.randn(2, 6, 16)
-    moe(x)
-    routing = moe.last_routing
-    x_flat = x.reshape(12, 16)
-    slots, C = buffer_slots(routing)
-    dispatch_mask, combine_weights = dispatch_tensors(routing, slots, C)
-    # every kept pair occupies exactly one slot, every slot holds at most one pair
-    assert dispatch_mask.sum().item() == int(routing.mask.sum()) and dispatch_mask.sum(0).max() <= 1
-    torch.testing.assert_close(combine_weights.sum((1, 2)), routing.combine_weights.sum(1))
-    einsum_buffers = torch.einsum("tec,td->ecd", dispatch_mask.float(), x_flat)
-    index_buffers = torch.zeros(4 * C, 16)
-    kept = routing.mask
-    rows = (routing.expert_indices * C + slots)[kept]
-    index_buffers[rows] = x_flat.unsqueeze(1).expand(12, 2, 16)[kept]
-    assert torch.equal(einsum_buffers, index_buffers.view(4, C, 16))
-
-
-@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
-def test_padded_bmm_equals_grouped(activation):
-    torch.manual_seed(0)
-    moe = MoE(16, 24, 4, 2, activation=activation)
-    x = torch.randn(10, 16, requires_grad=True)
-    plan = sort_by_expert(moe.router(x))
-    counts = plan.tokens_per_expert.tolist()
+def test_permute_and_combine_by_hand():
+    routing = hand_routing()
+    plan = sort_by_expert(routing)
+    x = torch.arange(3 * 4, dtype=torch.float32).view(3, 4)
     x_sorted = permute(x, plan)
-    grouped = moe.experts(x_sorted, plan.offsets)
-    padded_in = torch.zeros(4, max(counts), 16)
-    start = 0
-    for e, n in enumerate(counts):
-        padded_in[e, :n] = x_sorted[start:start + n]
-        start += n
-    padded = experts_padded(moe.experts, padded_in)
-    start = 0
-    for e, n in enumerate(counts):
-        torch.testing.assert_close(padded[e, :n], grouped[start:start + n], atol=1e-5, rtol=1e-5)
-        start += n
-    g = torch.randn_like(grouped)
-    unchecked = moe.experts(x_sorted, plan.offsets, check=False)
-    assert torch.equal(unchecked, grouped)
-    a = torch.autograd.grad(grouped, [x, moe.experts.w_in], g, retain_graph=True)
-    b = torch.autograd.grad(unchecked, [x, moe.experts.w_in], g)
-    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert torch.equal(x_sorted, x[[0, 1, 2, 1, 0, 2]])
+    # with identity experts, combine gives back each token times the sum of its weights
+    out = combine(x_sorted, plan, 3)
+    torch.testing.assert_close(out, x * WEIGHTS.sum(1, keepdim=True))
+    # a token without computed pairs gets zeros
+    capacity = apply_capacity(routing, 1, group_size=3)
+    plan = sort_by_expert(routing, capacity)
+    out = combine(permute(x, plan), plan, 3)
+    torch.testing.assert_close(out, torch.stack([x[0], 0.3 * x[1], torch.zeros(4)]))  # t1 keeps its 2nd pair
 
 
-@pytest.mark.parametrize("impl", ["einsum", "padded"])
-def test_padded_impls_bfloat16_and_empty(impl):
+def test_combine_accumulates_in_float32_and_is_order_free():
     torch.manual_seed(0)
-    moe = MoE(16, 24, 4, 2, impl=impl, capacity_factor=1.0)
-    x = torch.randn(2, 5, 16)
-    y = moe.bfloat16()(x.bfloat16())
-    assert y.dtype == torch.bfloat16 and y.shape == x.shape
-    assert moe(torch.randn(2, 0, 16, dtype=torch.bfloat16)).shape == (2, 0, 16)
+    y = torch.randn(6, 8).bfloat16()
+    weights = torch.rand(6)
+    pair_ids = torch.tensor([1, 2, 5, 3, 0, 4])
+    out = combine_pairs(y, weights, pair_ids, 3, 2)
+    assert out.dtype == torch.float32
+    expected = torch.zeros(3, 8)
+    for row, pair in enumerate(pair_ids.tolist()):
+        expected[pair // 2] += weights[row] * y[row].float()
+    torch.testing.assert_close(out, expected)
+    order = torch.randperm(6)  # the rows may come in any order: the result is bit for bit the same
+    assert torch.equal(combine_pairs(y[order], weights[order], pair_ids[order], 3, 2), out)
+    assert combine_pairs(y.double(), weights, pair_ids, 3, 2).dtype == torch.float64
+
+
+@pytest.mark.parametrize("with_capacity", [False, True])
+def test_routed_grouped_equals_naive_equals_by_hand(with_capacity):
+    torch.manual_seed(0)
+    experts = MoE(4, 6, 3, 2).experts
+    x = torch.randn(3, 4, requires_grad=True)
+    routing = hand_routing()
+    capacity = apply_capacity(routing, 1, group_size=3) if with_capacity else None
+    grouped = routed_grouped(experts, x, routing, capacity)
+    naive = routed_naive(experts, x, routing, capacity)
+    assert grouped.dtype == naive.dtype == torch.float32
+    expected = torch.zeros(3, 4)
+    for t in range(3):
+        for j in range(2):
+            if capacity is None or capacity.keep[t, j]:
+                e = int(EXPERTS[t, j])
+                expected[t] += WEIGHTS[t, j] * experts.expert(e, x[t:t + 1])[0]
+    torch.testing.assert_close(grouped, expected)
+    torch.testing.assert_close(naive, expected)
+    g = torch.randn(3, 4)
+    a = torch.autograd.grad(grouped, [x, experts.w_in, experts.w_out], g)
+    b = torch.autograd.grad(naive, [x, experts.w_in, experts.w_out], g)
+    for u, v in zip(a, b):
+        torch.testing.assert_close(u, v)

@@ -168,7 +168,9 @@ def test_load_since_update_is_saved():
 
 
 def test_make_router_reads_the_config():
-    assert ROUTERS == ("softmax", "noisy", "sigmoid", "expert_choice")
+    kinds = {kind: type(make_router(kind, 8, 4, 2)) for kind in ROUTERS}
+    assert kinds == {"softmax": TopKRouter, "noisy": NoisyTopKRouter, "sigmoid": SigmoidRouter,
+                     "expert_choice": ExpertChoiceRouter}
     r = make_router(RouterConfig(norm_topk_prob=False, jitter_noise=0.05), 8, 4, 2)
     assert type(r) is TopKRouter and r.norm_topk_prob is False and r.jitter_noise == 0.05
     assert type(make_router("noisy", 8, 4, 2)) is NoisyTopKRouter

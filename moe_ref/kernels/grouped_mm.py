@@ -144,7 +144,7 @@ def grouped_mm_unchecked(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor
 
 
 def _grouped_mm_triton(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """The ``"triton"`` backend; imports ``moe_ref.triton_gmm`` (and ``triton``) on first use."""
+    """The ``"triton"`` backend; imports ``moe_ref.kernels.triton_gmm`` (and ``triton``) on first use."""
     if not triton_installed():
         raise RuntimeError("backend='triton' needs the triton package (pip install triton; Linux wheels), "
                            "which is not installed; use backend='torch' or 'loop'")
@@ -156,7 +156,7 @@ def _grouped_mm_triton(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) 
                         "interpreter's tl.dot gives wrong results for it; use float32 or float16, or a GPU")
     if x.device.type != "cuda" and not triton_backend_available(x.dtype, x.device):
         raise RuntimeError(f"backend='triton' runs on CUDA tensors, or on CPU tensors under Triton's interpreter "
-                           f"(set TRITON_INTERPRET=1 before importing moe_ref.triton_gmm); got {x.device.type} "
+                           f"(set TRITON_INTERPRET=1 before importing moe_ref.kernels.triton_gmm); got {x.device.type} "
                            f"tensors without it")
     from .triton_gmm import grouped_mm_triton  # noqa: PLC0415 (imports triton: only when asked for)
     return grouped_mm_triton(x, w, offsets)

@@ -305,7 +305,7 @@ def grouped_mm_triton(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
                         "or float16")
     if x.device.type != "cuda" and not (INTERPRET and x.device.type == "cpu"):
         raise ValueError(f"backend='triton' runs on CUDA tensors, or on CPU tensors under Triton's interpreter "
-                         f"(TRITON_INTERPRET=1 set before moe_ref.triton_gmm is imported); got {x.device.type}")
+                         f"(TRITON_INTERPRET=1 set before moe_ref.kernels.triton_gmm is imported); got {x.device.type}")
     offsets = offsets.to(torch.int32)
     if gather_indices is not None:
         gather_indices = gather_indices.to(torch.int32)
