@@ -205,24 +205,25 @@ def _grouped_mm_loop(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) ->
     return torch.cat(outputs, dim=0)
 
 
-def _align(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Zero-pad ``K`` and ``N`` to 16-byte strides; returns the padded ``x``, ``w`` and the true ``N``."""
-    K, N = w.shape[1], w.shape[2]
-    align = max(1, 16 // x.element_size())
-    pad_k, pad_n = -K % align, -N % align
-    if pad_k:  # zero columns of x meet zero rows of w: the product is unchanged
-        x = F.pad(x, (0, pad_k))
-        w = F.pad(w, (0, 0, 0, pad_k))
-    if pad_n:  # extra zero output columns, sliced off
-        w = F.pad(w, (0, pad_n))
-    return x.contiguous(), w.contiguous(), N
+def _align(t: torch.Tensor, dim: int, align: int) -> torch.Tensor:
+    """``t`` zero-padded at the end of ``dim`` to a multiple of ``align`` (``t`` itself when it already is)."""
+    pad = -t.shape[dim] % align
+    if not pad:
+        return t
+    widths = [0, 0] * (t.dim() - 1 - dim % t.dim()) + [0, pad]
+    return F.pad(t, widths)
 
 
 @torch.library.custom_op("moe_ref::grouped_mm_torch", mutates_args=())
 def _op_torch(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    x, w, N = _align(x, w)
+    N = w.shape[2]
+    align = max(1, 16 // x.element_size())  # the kernels want 16-byte strides
+    # zero columns of x meet zero rows of w, so padding K changes no product; padded N columns are sliced off
+    x, w = _align(x, 1, align), _align(_align(w, 1, align), 2, align)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
     out = F.grouped_mm(x, w, offs=offsets)
-    return out[:, :N].contiguous()
+    return out if out.shape[1] == N else out[:, :N].contiguous()
 
 
 @_op_torch.register_fake
@@ -235,9 +236,10 @@ def _op_torch_dw(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor, num_e
     """``dw[e] = x[group e]^T dy[group e]`` ``[E, K, N]``: ``grouped_mm`` of two 2-D operands."""
     K, N = x.shape[1], dy.shape[1]
     align = max(1, 16 // x.element_size())
-    x_t = F.pad(x, (0, -K % align)).contiguous().t()  # [K', M], column-major
-    dy = F.pad(dy, (0, -N % align)).contiguous()  # [M, N']
-    return F.grouped_mm(x_t, dy, offs=offsets)[:, :K, :N].contiguous()
+    x_t = _align(x, 1, align).contiguous().t()  # [K', M], column-major (a view of the row-major x)
+    dy = _align(dy, 1, align).contiguous()  # [M, N']
+    dw = F.grouped_mm(x_t, dy, offs=offsets)
+    return dw if dw.shape[1:] == (K, N) else dw[:, :K, :N].contiguous()
 
 
 @_op_torch_dw.register_fake
