@@ -12,7 +12,8 @@ written two ways, which give the same result:
   entries, most of them zero: ``O(T^2)`` memory for a fixed capacity factor.
 * **index** (gather/scatter): the slot of each kept pair as a flat index ``expert * C + slot``; dispatch
   copies the token rows into their slots (``index_copy``) and combine gathers them back, weights them and
-  adds them to their tokens (``index_add``). ``O(T * k)`` indices, the form fast implementations use.
+  sums each token's rows (:func:`~moe_ref.dispatch.combine_pairs`). ``O(T * k)`` indices, the form fast
+  implementations use.
 
 The ragged alternative, without any padding, is :func:`~moe_ref.dispatch.routed_grouped` (sort, grouped
 matmul, :mod:`moe_ref.kernels.grouped_mm`). Without a capacity limit the buffers here are sized to the busiest
