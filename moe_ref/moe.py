@@ -14,27 +14,54 @@
 
 Configuration, and where the same setting lives in ``transformers`` configs and torchtitan's ``MoEArgs``:
 
-============================================  =================================  ==============================
-``MoE``                                       ``transformers``                   torchtitan ``MoEArgs``
-============================================  =================================  ==============================
-``d_hidden``                                  ``moe_intermediate_size``          (model ``moe_inter_dim``)
-``num_experts``                               ``num_local_experts`` /            ``num_experts``
-                                              ``num_experts`` / ``n_routed_experts``
-``k``                                         ``num_experts_per_tok``            ``top_k``
-``router=RouterConfig(kind=...)``             (model type)                       ``score_func``
-``RouterConfig.norm_topk_prob``               ``norm_topk_prob``                 ``route_norm``
-``RouterConfig.routed_scaling_factor``        ``routed_scaling_factor``          ``route_scale``
-``RouterConfig.n_group`` / ``topk_group``     ``n_group`` / ``topk_group``       ``num_expert_groups`` /
-                                                                                 ``num_limited_groups``
-``RouterConfig.bias_update_rate``             (training only)                    ``load_balance_coeff``
-``RouterConfig.jitter_noise``                 ``router_jitter_noise``            --
-``capacity=CapacityConfig(...)``              Switch ``expert_capacity``         --
-``shared=SharedExpertConfig(num, d_hidden)``  ``n_shared_experts``,              ``num_shared_experts``
-                                              ``shared_expert_intermediate_size``
-``AuxLossConfig.balance_coef``                ``k * router_aux_loss_coef``       --
-``AuxLossConfig.z_coef``                      ``router_z_loss_coef``             --
-``impl="grouped"``                            ``_experts_implementation``        ``use_grouped_mm``
-============================================  =================================  ==============================
+.. list-table::
+   :header-rows: 1
+
+   * - ``MoE``
+     - ``transformers``
+     - torchtitan ``MoEArgs``
+   * - ``d_hidden``
+     - ``moe_intermediate_size``
+     - (model ``moe_inter_dim``)
+   * - ``num_experts``
+     - ``num_local_experts`` / ``num_experts`` / ``n_routed_experts``
+     - ``num_experts``
+   * - ``k``
+     - ``num_experts_per_tok``
+     - ``top_k``
+   * - ``router=RouterConfig(kind=...)``
+     - (model type)
+     - ``score_func``
+   * - ``RouterConfig.norm_topk_prob``
+     - ``norm_topk_prob``
+     - ``route_norm``
+   * - ``RouterConfig.routed_scaling_factor``
+     - ``routed_scaling_factor``
+     - ``route_scale``
+   * - ``RouterConfig.n_group``, ``topk_group``
+     - ``n_group``, ``topk_group``
+     - ``num_expert_groups``, ``num_limited_groups``
+   * - ``RouterConfig.bias_update_rate``
+     - (training only)
+     - ``load_balance_coeff``
+   * - ``RouterConfig.jitter_noise``
+     - ``router_jitter_noise``
+     - --
+   * - ``capacity=CapacityConfig(...)``
+     - Switch ``expert_capacity``
+     - --
+   * - ``shared=SharedExpertConfig(num, d_hidden)``
+     - ``n_shared_experts``, ``shared_expert_intermediate_size``
+     - ``num_shared_experts``
+   * - ``AuxLossConfig.balance_coef``
+     - ``k * router_aux_loss_coef``
+     - --
+   * - ``AuxLossConfig.z_coef``
+     - ``router_z_loss_coef``
+     - --
+   * - ``impl="grouped"``
+     - ``_experts_implementation``
+     - ``use_grouped_mm``
 
 After a forward the layer keeps, detached from the autograd graph: ``last_routing`` (the
 :class:`~moe_ref.routing.Routing`), ``last_capacity`` (the :class:`~moe_ref.capacity.CapacityRecord` or
@@ -104,8 +131,8 @@ class MoE(nn.Module):
         activation: of every expert, as for :class:`~moe_ref.ffn.FFN` (default ``"swiglu"``).
         router: a :class:`~moe_ref.routers.RouterConfig`, or a kind name for its defaults.
         capacity: a :class:`~moe_ref.capacity.CapacityConfig` (token-choice routers), or ``None``: dropless.
-        shared: a :class:`SharedExpertConfig`, or ``None``.
-        residual: a :class:`ResidualConfig`, or ``None``. Not with ``shared``.
+        shared: a :class:`~moe_ref.shared.SharedExpertConfig`, or ``None``.
+        residual: a :class:`~moe_ref.shared.ResidualConfig`, or ``None``. Not with ``shared``.
         aux_losses: the :class:`~moe_ref.losses.AuxLossConfig` (default: balance coefficient 0.01), kept as
             ``loss_config``.
         impl: ``"grouped"`` (default), ``"naive"``, ``"einsum"`` or ``"padded"``; all compute the same function.

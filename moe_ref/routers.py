@@ -3,17 +3,24 @@
 A router maps token vectors ``x`` ``[T, d_model]`` to a :class:`~moe_ref.routing.Routing`. Its options are
 one :class:`RouterConfig`, which :class:`~moe_ref.moe.MoE` takes as its ``router`` argument:
 
-=================  ==========================================================  =========================
-``kind``           rule                                                        options
-=================  ==========================================================  =========================
-``"softmax"``      :func:`~moe_ref.routing.softmax_topk`                       ``norm_topk_prob``
-``"noisy"``        noisy logits, then softmax top-k renormalised
-``"sigmoid"``      :func:`~moe_ref.routing.sigmoid_grouped_topk` with the      ``norm_topk_prob``,
-                   auxiliary-loss-free bias                                    ``n_group``, ``topk_group``,
-                                                                               ``routed_scaling_factor``,
-                                                                               ``bias_update_rate``
-``"expert_choice"``  :func:`~moe_ref.routing.expert_choice`                    ``capacity_factor``
-=================  ==========================================================  =========================
+.. list-table::
+   :header-rows: 1
+
+   * - ``kind``
+     - rule
+     - options
+   * - ``"softmax"``
+     - :func:`~moe_ref.routing.softmax_topk`
+     - ``norm_topk_prob``
+   * - ``"noisy"``
+     - noisy logits, then softmax top-k renormalised
+     -
+   * - ``"sigmoid"``
+     - :func:`~moe_ref.routing.sigmoid_grouped_topk` with the auxiliary-loss-free bias
+     - ``norm_topk_prob``, ``n_group``, ``topk_group``, ``routed_scaling_factor``, ``bias_update_rate``
+   * - ``"expert_choice"``
+     - :func:`~moe_ref.routing.expert_choice`
+     - ``capacity_factor``
 
 Every kind takes ``jitter_noise`` (Switch's and Mixtral's input jitter, training only).
 
