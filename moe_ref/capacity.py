@@ -124,6 +124,11 @@ class CapacityRecord:
         assigned = int(self.keep.sum()) + int(self.dropped.sum())
         return self.num_dropped / assigned if assigned else 0.0
 
+    @property
+    def tokens_dropped(self) -> int:
+        """Tokens that had an assignment and lost all of them, so their routed output is 0."""
+        return int((self.dropped.any(dim=1) & ~self.keep.any(dim=1)).sum())
+
     def dropped_per_expert(self, num_experts: int, expert_indices: torch.Tensor) -> torch.Tensor:
         """``[E]`` int64 dropped pairs of each expert."""
         return torch.bincount(expert_indices[self.dropped], minlength=num_experts)

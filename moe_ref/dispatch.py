@@ -76,16 +76,10 @@ def sort_by_expert(routing: Routing, capacity: CapacityRecord | None = None) -> 
         raise TypeError(f"routing must be a Routing, got {type(routing).__name__}")
     if capacity is not None and not isinstance(capacity, CapacityRecord):
         raise TypeError(f"capacity must be a CapacityRecord or None, got {type(capacity).__name__}")
-    mask = computed_mask(routing, capacity)
-    pair_ids = torch.arange(routing.expert_indices.numel(), device=routing.expert_indices.device)
-    expert_ids, weights = routing.expert_indices.reshape(-1), routing.combine_weights.reshape(-1)
-    if mask is not None:
-        keep = mask.reshape(-1)
-        pair_ids, expert_ids, weights = pair_ids[keep], expert_ids[keep], weights[keep]
+    pair_ids, token_ids, expert_ids, weights = routing.assignments(computed_mask(routing, capacity))
     order = torch.argsort(expert_ids, stable=True)
     tokens_per_expert = torch.bincount(expert_ids, minlength=routing.num_experts)
-    pair_ids = pair_ids[order]
-    return DispatchPlan(pair_ids=pair_ids, token_ids=pair_ids // max(routing.slots, 1),
+    return DispatchPlan(pair_ids=pair_ids[order], token_ids=token_ids[order],
                         expert_ids=expert_ids[order], combine_weights=weights[order],
                         tokens_per_expert=tokens_per_expert, offsets=tokens_per_expert.cumsum(0).to(torch.int32),
                         slots=routing.slots, num_tokens=routing.num_tokens)
@@ -148,7 +142,7 @@ def routed_naive(experts: Experts, x: torch.Tensor, routing: Routing, capacity: 
     output to theirs. Every expert runs, even on no tokens, so the output always has a gradient path.
     """
     mask = computed_mask(routing, capacity)
-    out = router_float(x.new_zeros(x.shape))
+    out = x.new_zeros(x.shape, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
     for e in range(routing.num_experts):
         selected = routing.expert_indices == e
         if mask is not None:

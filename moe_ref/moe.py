@@ -75,7 +75,6 @@ import torch
 from torch import nn
 
 from . import _checks
-from .activations import activation_fn
 from .capacity import CapacityConfig, CapacityRecord, apply_capacity
 from .counting import MoEParams, moe_flops, moe_params
 from .dispatch import routed_grouped, routed_naive
@@ -153,7 +152,6 @@ class MoE(nn.Module):
         if k > num_experts:
             raise ValueError(f"k must be <= num_experts={num_experts}, got k={k}")
         self.activation = activation
-        activation_fn(activation)
         self.router_config = RouterConfig.coerce(router)
         self.capacity_config = _optional("capacity", capacity, CapacityConfig)
         if capacity is not None and self.router_config.kind == "expert_choice":
@@ -201,12 +199,13 @@ class MoE(nn.Module):
         routing = self.router(x_router, mask)
         capacity = self._capacity(routing, x.shape)
         out = self._routed(x_router if self.router_config.jitter_experts else x_flat, routing, capacity)
-        out = add_dense_paths(self, x_flat, out)
+        out = add_dense_paths(x_flat, out, shared=self.shared, shared_gate=self.shared_gate,
+                              residual_mlp=self.residual_mlp, residual_coef=self.residual_coef)
         losses = aux_losses(routing, self.loss_config, _sequence_length(x.shape, routing.num_tokens), mask,
                             every=return_losses, balance=self.router_config.kind != "expert_choice")
-        self._record(routing, capacity, losses)
-        aux = None if return_losses else weighted_aux_loss(losses, self.loss_config)
-        if aux is not None:
+        aux = weighted_aux_loss(losses, self.loss_config)
+        self._record(routing, capacity, losses, aux)
+        if aux is not None and not return_losses:
             out = attach_aux_loss(out, aux, self.loss_config.scale)
         # a new tensor, never a view: FSDP's hooks would be lost on an in-place op on a view
         out = out.reshape(x.shape).to(x.dtype, copy=True)
@@ -229,11 +228,12 @@ class MoE(nn.Module):
         with torch.autocast(device, enabled=False):  # every implementation casts the same way, explicitly
             return IMPLS[self.impl](self.experts, x, routing, capacity, self.backend)
 
-    def _record(self, routing: Routing, capacity: CapacityRecord | None, losses: dict) -> None:
+    def _record(self, routing: Routing, capacity: CapacityRecord | None, losses: dict,
+                aux: torch.Tensor | None) -> None:
         """Keep detached statistics of this forward; count the load for the bias update (once per step)."""
         self.last_routing, self.last_capacity = routing.detach(), capacity
         self.losses = {name: loss.detach() for name, loss in losses.items()}
-        self.aux_loss = weighted_aux_loss(self.losses, self.loss_config)
+        self.aux_loss = None if aux is None else aux.detach()
         if self.training and not _recomputing():
             self.router.record_load(routing.tokens_per_expert)
 
@@ -254,16 +254,14 @@ class MoE(nn.Module):
         """Fraction of the router's assignments dropped in the last forward (``None`` before any)."""
         if self.last_routing is None:
             return None
-        pairs = int(self.last_routing.tokens_per_expert.sum())
-        return self.num_dropped / pairs if pairs else 0.0
+        return 0.0 if self.last_capacity is None else self.last_capacity.drop_rate
 
     @property
     def tokens_dropped(self) -> int | None:
         """Tokens whose every assignment was dropped in the last forward, so their routed output is 0."""
         if self.last_routing is None:
             return None
-        c = self.last_capacity
-        return 0 if c is None else int((c.dropped.any(dim=1) & ~c.keep.any(dim=1)).sum())
+        return 0 if self.last_capacity is None else self.last_capacity.tokens_dropped
 
     def after_optimizer_step(self) -> None:
         """Training-loop hook: the sigmoid router's auxiliary-loss-free bias update; a no-op otherwise."""

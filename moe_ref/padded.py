@@ -121,11 +121,8 @@ def routed_padded(experts: Experts, x: torch.Tensor, routing: Routing, capacity:
     T, d = x.shape
     E, k = routing.num_experts, routing.slots
     slots, num_slots = buffer_slots(routing, capacity)
-    kept = (slots >= 0).reshape(-1)
-    pair_ids = torch.arange(T * k, device=x.device)[kept]  # [A]
-    token_ids = pair_ids // max(k, 1)
-    buffer_rows = (routing.expert_indices * num_slots + slots).reshape(-1)[kept]  # [A] rows of [E * C, d]
-    weights = routing.combine_weights.reshape(-1)[kept]
+    pair_ids, token_ids, expert_ids, weights = routing.assignments(slots >= 0)  # [A] each
+    buffer_rows = expert_ids * num_slots + slots.reshape(-1)[pair_ids]  # [A] rows of [E * C, d]
     x_padded = x.new_zeros(E * num_slots, d).index_copy(0, buffer_rows, x.index_select(0, token_ids))
     y_padded = experts.padded(x_padded.view(E, num_slots, d)).reshape(E * num_slots, d)
     return combine_pairs(y_padded.index_select(0, buffer_rows), weights, pair_ids, T, k)

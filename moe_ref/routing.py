@@ -71,8 +71,13 @@ class Routing:
         """The number of slots per token (``k`` for token choice, ``E`` for expert choice)."""
         return self.expert_indices.shape[1]
 
-    def assignments(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def assignments(self, mask: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The real (token, slot) assignments, flattened token-major.
+
+        Args:
+            mask: ``[T, slots]`` bool, the pairs to keep instead of ``self.mask`` (e.g. those a capacity
+                kept); ``None`` uses ``self.mask``.
 
         Returns:
             ``(pair_ids, token_ids, expert_ids, weights)``, each ``[A]``: the flat index ``t * slots + j``
@@ -80,8 +85,9 @@ class Routing:
         """
         pair_ids = torch.arange(self.expert_indices.numel(), device=self.expert_indices.device)
         expert_ids, weights = self.expert_indices.reshape(-1), self.combine_weights.reshape(-1)
-        if self.mask is not None:
-            keep = self.mask.reshape(-1)
+        mask = self.mask if mask is None else mask
+        if mask is not None:
+            keep = mask.reshape(-1)
             pair_ids, expert_ids, weights = pair_ids[keep], expert_ids[keep], weights[keep]
         return pair_ids, pair_ids // max(self.slots, 1), expert_ids, weights
 

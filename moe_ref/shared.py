@@ -48,19 +48,24 @@ class ResidualConfig:
             _checks.positive_int("d_hidden", self.d_hidden)
 
 
-def add_dense_paths(moe, x: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
-    """The routed output ``routed`` ``[T, d]`` (float32) with ``moe``'s dense paths applied, for ``x`` ``[T, d]``.
+def add_dense_paths(x: torch.Tensor, routed: torch.Tensor, *, shared=None, shared_gate=None, residual_mlp=None,
+                    residual_coef=None) -> torch.Tensor:
+    """The routed output ``routed`` ``[T, d]`` (float32) with the dense paths applied, for ``x`` ``[T, d]``.
 
-    ``moe`` holds the modules: ``residual_mlp`` and ``residual_coef`` (residual MoE), ``shared`` and
-    ``shared_gate`` (shared experts), each ``None`` when absent.
+    Args:
+        x: the layer's input ``[T, d]``.
+        routed: the routed experts' output ``[T, d]``.
+        shared, shared_gate: the shared experts' FFN and its optional ``Linear(d, 1)`` gate.
+        residual_mlp, residual_coef: the residual MoE's FFN and its ``Linear(d, 2)`` mixing coefficients.
+        Each is ``None`` when absent.
     """
     out = routed
-    if moe.residual_mlp is not None:
-        coef = torch.softmax(router_float(moe.residual_coef(x)), dim=-1).to(out.dtype)  # [T, 2]
-        out = coef[:, :1] * moe.residual_mlp(x).to(out.dtype) + coef[:, 1:] * out
-    if moe.shared is not None:
-        shared_out = moe.shared(x).to(out.dtype)
-        if moe.shared_gate is not None:
-            shared_out = torch.sigmoid(moe.shared_gate(x).to(out.dtype)) * shared_out
+    if residual_mlp is not None:
+        coef = torch.softmax(router_float(residual_coef(x)), dim=-1).to(out.dtype)  # [T, 2]
+        out = coef[:, :1] * residual_mlp(x).to(out.dtype) + coef[:, 1:] * out
+    if shared is not None:
+        shared_out = shared(x).to(out.dtype)
+        if shared_gate is not None:
+            shared_out = torch.sigmoid(shared_gate(x).to(out.dtype)) * shared_out
         out = out + shared_out
     return out
