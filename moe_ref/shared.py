@@ -52,12 +52,13 @@ def add_dense_paths(x: torch.Tensor, routed: torch.Tensor, *, shared=None, share
                     residual_coef=None) -> torch.Tensor:
     """The routed output ``routed`` ``[T, d]`` (float32) with the dense paths applied, for ``x`` ``[T, d]``.
 
+    Each module argument is ``None`` when that path is absent.
+
     Args:
         x: the layer's input ``[T, d]``.
         routed: the routed experts' output ``[T, d]``.
         shared, shared_gate: the shared experts' FFN and its optional ``Linear(d, 1)`` gate.
         residual_mlp, residual_coef: the residual MoE's FFN and its ``Linear(d, 2)`` mixing coefficients.
-        Each is ``None`` when absent.
     """
     out = routed
     if residual_mlp is not None:
