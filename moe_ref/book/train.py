@@ -19,10 +19,10 @@ from typing import Callable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .. import _checks
 from .data import Corpus
+from .page import Progress
 
 
 @dataclass
@@ -150,7 +150,8 @@ def train(model: nn.Module, corpus: Corpus, config: TrainConfig | None = None, *
         corpus: the data.
         config: hyper-parameters (defaults to ``TrainConfig()``).
         device: where to train (default: where the model's parameters are).
-        progress: show a tqdm progress bar.
+        progress: show a progress line (:class:`~moe_ref.book.page.Progress`): live in Jupyter, one
+            final line in the saved notebook.
         callback: ``callback(step, model, x, labels)`` after each optimizer step, for measurements such
             as expert load; ``x`` is the batch ``[B, T]`` and ``labels`` its domains ``[B]``.
 
@@ -170,8 +171,8 @@ def train(model: nn.Module, corpus: Corpus, config: TrainConfig | None = None, *
     hooks = [m for m in model.modules() if callable(getattr(m, "after_optimizer_step", None))]
     t0 = time.perf_counter()
     model.train()
-    bar = tqdm(range(config.steps), disable=not progress, desc="train", leave=False)
-    for step in bar:
+    bar = Progress(config.steps, desc="train", enabled=progress)
+    for step in range(config.steps):
         lr = config.lr_at(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -199,6 +200,8 @@ def train(model: nn.Module, corpus: Corpus, config: TrainConfig | None = None, *
             history.val_loss.append(sum(by_domain.values()) / len(by_domain))
             for d, v in by_domain.items():
                 history.val_loss_by_domain[d].append(v)
-            bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{history.val_loss[-1]:.3f}")
+            bar.postfix = f"loss {loss.item():.3f}, val loss {history.val_loss[-1]:.3f}"
+        bar.update()
+    bar.close()
     history.seconds = time.perf_counter() - t0
     return history
