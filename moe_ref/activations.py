@@ -1,6 +1,6 @@
 """The activations of every FFN and expert in the package, by name.
 
-Plain activations compute ``act(x W_in) W_out``; gated ones (Shazeer 2020) compute
+Plain activations compute ``act(x W_in) W_out``; gated ones :cite:p:`shazeer2020glu` compute
 ``(act(x W_gate) * (x W_up)) W_out`` and so have one more weight matrix.
 """
 

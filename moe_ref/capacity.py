@@ -1,12 +1,12 @@
 """Chapter 4: expert capacity, and which (token, expert) pairs are dropped when an expert is full.
 
 A token-choice router (:mod:`moe_ref.routing`) lets every token pick its ``k`` experts, so an expert may be
-picked by any number of tokens. Fixed-shape implementations (Lepikhin et al. 2021 GShard; Fedus et al. 2022
-Switch) give each expert a buffer of ``C`` slots per *group* of tokens, its **capacity**; the pairs that do
-not fit are **dropped**: they contribute zero to the token's output, so the residual stream carries the
-token through the layer unchanged.
+picked by any number of tokens. Fixed-shape implementations, GShard :cite:p:`lepikhin2021gshard` and Switch
+:cite:p:`fedus2022switch`, give each expert a buffer of ``C`` slots per *group* of tokens, its **capacity**;
+the pairs that do not fit are **dropped**: they contribute zero to the token's output, so the residual stream
+carries the token through the layer unchanged.
 
-The capacity formula (:func:`expert_capacity`) is DeepSpeed-MoE's (Rajbhandari et al. 2022):
+The capacity formula (:func:`expert_capacity`) is DeepSpeed-MoE's :cite:p:`rajbhandari2022deepspeedmoe`:
 
 .. code-block:: text
 
@@ -15,10 +15,10 @@ The capacity formula (:func:`expert_capacity`) is DeepSpeed-MoE's (Rajbhandari e
 for a group of ``S`` tokens routed to ``k`` of ``E`` experts each. ``S * k / E`` is the load of an expert
 under perfect balance, so ``capacity_factor = 1`` leaves no slack and ``capacity_factor = E / k`` can never
 drop anything. It is the formula of :func:`~moe_ref.routing.expert_choice_capacity`, so a capacity factor
-means the same number of slots per expert for token choice and for expert choice (Zhou et al. 2022). The
-codebases differ: Mesh-TensorFlow leaves ``k`` out and rounds down (``min(S, int(cf * S / E))``), Flaxformer
-leaves ``k`` out and rounds to nearest (``int(round(cf * S / E))``, at least 4), MegaBlocks (Gale et al.
-2023) rounds down; keeping ``k`` makes ``capacity_factor``
+means the same number of slots per expert for token choice and for expert choice
+:cite:p:`zhou2022expertchoice`. The codebases differ: Mesh-TensorFlow leaves ``k`` out and rounds down
+(``min(S, int(cf * S / E))``), Flaxformer leaves ``k`` out and rounds to nearest (``int(round(cf * S / E))``,
+at least 4), MegaBlocks :cite:p:`gale2023megablocks` rounds down; keeping ``k`` makes ``capacity_factor``
 independent of ``k``, and rounding up never gives a capacity below the balanced load. ``C`` never exceeds
 ``S``: a token picks an expert at most once, so an expert cannot receive more than ``S`` pairs from a group.
 
@@ -29,8 +29,9 @@ slots, in each group, in priority order:
   ``capacity_group="sequence"`` whether a token is dropped depends only on the tokens before it in its own
   sequence, so the rule is causal and independent of the rest of the batch.
 * ``"choice"``: all first choices (slot 0) before any second choice, each in position order (GShard).
-* ``"score"``: batch-prioritised routing (Riquelme et al. 2021, V-MoE): like ``"choice"``, but the tokens in
-  decreasing order of their top routing score, so the tokens the router is most confident about are kept.
+* ``"score"``: batch-prioritised routing (V-MoE :cite:p:`riquelme2021vmoe`): like ``"choice"``, but the
+  tokens in decreasing order of their top routing score, so the tokens the router is most confident about
+  are kept.
   It looks at the whole group, future positions included.
 
 :func:`apply_capacity` returns its own record, :class:`CapacityRecord` (what was kept, where, and what was

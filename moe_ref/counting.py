@@ -1,10 +1,14 @@
 """Parameter and FLOP counting, by formula, for FFNs, attention and whole models.
 
-Convention (as in Kaplan et al. 2020 and Hoffmann et al. 2022): a FLOP count is the number of floating-point
-operations of the matrix multiplications of one *forward* pass, per token, with a multiply-add counted as
-2 FLOPs. Elementwise work (activations, the gate product, biases, norms, softmax) is left out: it is
-bandwidth-bound and under 1% of the matmul FLOPs at the sizes in this book. A training step (forward plus
-backward) costs about 3 times the forward FLOPs.
+Convention: a FLOP count is the number of floating-point operations of the matrix multiplications of one
+*forward* pass, per token, with a multiply-add counted as 2 FLOPs, as in :cite:t:`kaplan2020scaling`
+(Table 1) and :cite:t:`hoffmann2022chinchilla` (Appendix F). Elementwise work (activations, the gate
+product, biases, norms, softmax) is left out: it is bandwidth-bound and under 1% of the matmul FLOPs at the
+sizes in this book. A training step (forward plus backward) costs about 3 times the forward FLOPs (both
+papers count the backward pass as twice the forward).
+
+The two papers differ on attention's context-dependent term; :func:`attention_flops` uses Hoffmann et al.'s
+(see there).
 """
 
 from __future__ import annotations
@@ -55,9 +59,15 @@ def ffn_flops(d_model: int, d_hidden: int, activation: str = "swiglu") -> int:
 def attention_flops(d_model: int, context: int) -> int:
     """Forward matmul FLOPs per token of one causal self-attention layer at context length ``context``.
 
-    ``8 d^2`` for the Q, K, V and output projections plus ``4 * context * d`` for the scores ``QK^T`` and the
-    weighted sum of values, counting the full context as Kaplan et al. (2020) do (causal masking would halve
-    the second term on average; kernels that skip masked blocks realise part of that).
+    ``8 d^2`` for the Q, K, V and output projections plus ``4 * context * d`` for the scores ``QK^T``
+    (``2 * context * d``) and the weighted sum of values (another ``2 * context * d``), both over the full
+    context, with ``d = d_model`` also the attention width (heads times head size). This is the count of
+    :cite:t:`hoffmann2022chinchilla` (Appendix F) without their softmax term. Causal masking would halve the
+    second term on average; kernels that skip masked blocks realise part of that.
+
+    :cite:t:`kaplan2020scaling` (Table 1) count half of that context term, ``2 * n_ctx * d_attn`` per layer
+    (their forward total is ``C_forward = 2N + 2 n_layer n_ctx d_attn``, ``N`` the non-embedding
+    parameters); their projection term is the same ``8 d^2``.
     """
     _checks.positive_int("d_model", d_model)
     _checks.positive_int("context", context)

@@ -41,7 +41,7 @@ class FFN(nn.Module):
 
     Plain form (``activation`` in "relu", "gelu", "silu"): ``act(x @ W_in) @ W_out``, two matrices.
     Gated form (``activation`` in "swiglu", "geglu", "reglu"): ``(act(x @ W_gate) * (x @ W_up)) @ W_out``,
-    three matrices (Shazeer 2020, used by LLaMA, Mixtral, DeepSeek, Qwen).
+    three matrices :cite:p:`shazeer2020glu`, as in LLaMA, Mixtral, DeepSeek and Qwen.
 
     Args:
         d_model: width of the residual stream.

@@ -6,7 +6,7 @@ Supported blocks (``transformers`` 5.x; apart from Switch, the experts are store
 =================================  ===============================================================
 block class                        routing
 =================================  ===============================================================
-``MixtralSparseMoeBlock``          softmax, top-k, renormalised (Jiang et al. 2024)
+``MixtralSparseMoeBlock``          softmax, top-k, renormalised :cite:p:`jiang2024mixtral`
 ``Qwen2MoeSparseMoeBlock``         softmax, top-k, ``norm_topk_prob``; one shared expert with a
                                    sigmoid gate
 ``Qwen3MoeSparseMoeBlock``         softmax, top-k, ``norm_topk_prob``
@@ -14,7 +14,7 @@ block class                        routing
 ``DeepseekV3MoE``                  sigmoid, selection bias, group-limited, scaled;
                                    ``n_shared_experts`` shared
 ``SwitchTransformersSparseMLP``    softmax, top-1, weight = the probability, capacity
-                                   ``expert_capacity`` per sequence (Fedus et al. 2022)
+                                   ``expert_capacity`` per sequence :cite:p:`fedus2022switch`
 =================================  ===============================================================
 
 Switch (``transformers`` 5.x ``SwitchTransformersSparseMLP``): the router computes its logits in

@@ -3,10 +3,11 @@
 All three losses are returned *unweighted*; the MoE layer multiplies them by its coefficients. They are
 computed in float32 (float64 for float64 inputs).
 
-* :func:`load_balancing_loss`: ``E * sum_i f_i P_i`` (Shazeer et al. 2017; Lepikhin et al. 2021 GShard;
-  Fedus et al. 2022 Switch), normalised to 1 at perfect balance for any ``k``.
-* :func:`router_z_loss`: mean squared log-partition of the router logits (Zoph et al. 2022, ST-MoE).
-* :func:`sequence_balance_loss`: DeepSeek-V3's balance loss computed per sequence (DeepSeek-AI 2024).
+* :func:`load_balancing_loss`: ``E * sum_i f_i P_i``
+  :cite:p:`shazeer2017outrageously,lepikhin2021gshard,fedus2022switch`, normalised to 1 at perfect balance
+  for any ``k``.
+* :func:`router_z_loss`: mean squared log-partition of the router logits (ST-MoE :cite:p:`zoph2022stmoe`).
+* :func:`sequence_balance_loss`: DeepSeek-V3's balance loss computed per sequence :cite:p:`deepseekv3`.
 
 Every loss takes a padding mask (``attention_mask``, 1 for real tokens), so padding never counts.
 
@@ -125,8 +126,9 @@ def load_balancing_loss(router_probs: torch.Tensor, expert_indices: torch.Tensor
     ``f_i`` is the fraction of the ``T * k`` (token, expert) assignments that go to expert ``i`` and ``P_i``
     the mean router probability of expert ``i`` over the ``T`` tokens. Both sum to 1 over the experts, so the
     loss is 1 when both are uniform (``1/E`` each) and grows as routing concentrates. ``f`` is a count and
-    carries no gradient; the gradient flows through ``P`` (Fedus et al. 2022): ``d loss / d P_i = E * f_i``, so
-    router probability is pushed away from each expert in proportion to its load.
+    carries no gradient; the gradient flows through ``P`` :cite:p:`fedus2022switch`:
+    ``d loss / d P_i = E * f_i``, so router probability is pushed away from each expert in proportion to its
+    load.
 
     ``transformers``' ``load_balancing_loss_func`` (Mixtral, Qwen-MoE, OLMoE) divides the counts by ``T``
     instead of ``T * k``, so its ``f`` sums to ``k`` and it equals ``k`` times this loss (``k`` at balance):
@@ -157,7 +159,7 @@ def load_balancing_loss(router_probs: torch.Tensor, expert_indices: torch.Tensor
 
 
 def router_z_loss(router_logits: torch.Tensor, *, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Router z-loss (Zoph et al. 2022, ST-MoE): mean over tokens of ``logsumexp(logits)^2``.
+    """Router z-loss (ST-MoE :cite:p:`zoph2022stmoe`): mean over tokens of ``logsumexp(logits)^2``.
 
     It keeps the router logits small, where the float32 exponentials of the softmax are accurate; ST-MoE
     weights it by 0.001.
@@ -179,7 +181,7 @@ def router_z_loss(router_logits: torch.Tensor, *, attention_mask: torch.Tensor |
 
 def sequence_balance_loss(router_scores: torch.Tensor, expert_indices: torch.Tensor, *,
                           attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """DeepSeek-V3's sequence-wise balance loss (DeepSeek-AI 2024), averaged over sequences.
+    """DeepSeek-V3's sequence-wise balance loss :cite:p:`deepseekv3`, averaged over sequences.
 
     For each sequence of ``S`` tokens: ``f_i = E / (k * S) * count_i`` (``count_i``: tokens of the sequence
     that chose expert ``i``), ``P_i`` = mean over the sequence of the normalised scores ``s_i / sum_j s_j``,

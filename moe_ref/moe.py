@@ -119,8 +119,8 @@ class MoE(nn.Module):
     """Mixture-of-Experts layer: ``[..., d_model] -> [..., d_model]``, same dtype; a drop-in FFN replacement.
 
     Each token goes to ``k`` of ``num_experts`` FFN experts chosen by a router; the output is the weighted
-    sum of their outputs (Shazeer et al. 2017), plus the dense paths if configured. Dropless unless given a
-    ``capacity``; pairs beyond it contribute zero (weights not renormalised) and are counted.
+    sum of their outputs :cite:p:`shazeer2017outrageously`, plus the dense paths if configured. Dropless
+    unless given a ``capacity``; pairs beyond it contribute zero (weights not renormalised) and are counted.
 
     Args:
         d_model: width of the residual stream.

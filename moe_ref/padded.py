@@ -5,9 +5,10 @@ expert compute has a fixed shape ``[E, C, d_model]`` and is one batched matmul p
 (``torch.bmm``), with no ragged groups. Filling the buffers (dispatch) and reading them back (combine) can be
 written two ways, which give the same result:
 
-* **einsum** (Lepikhin et al. 2021, GShard; Fedus et al. 2022, Switch): two dense ``[T, E, C]`` tensors,
-  ``dispatch_mask[t, e, c]`` (token ``t`` sits in slot ``c`` of expert ``e``) and ``combine_weights[t, e, c]``
-  (its weight there, else 0); then ``x_padded = einsum("tec,td->ecd", dispatch_mask, x)`` and
+* **einsum** (GShard :cite:p:`lepikhin2021gshard`; Switch :cite:p:`fedus2022switch`): two dense
+  ``[T, E, C]`` tensors, ``dispatch_mask[t, e, c]`` (token ``t`` sits in slot ``c`` of expert ``e``) and
+  ``combine_weights[t, e, c]`` (its weight there, else 0); then
+  ``x_padded = einsum("tec,td->ecd", dispatch_mask, x)`` and
   ``out = einsum("tec,ecd->td", combine_weights, y_padded)``. Easy to read and to shard, but ``T * E * C``
   entries, most of them zero: ``O(T^2)`` memory for a fixed capacity factor.
 * **index** (gather/scatter): the slot of each kept pair as a flat index ``expert * C + slot``; dispatch

@@ -215,11 +215,11 @@ class TopKRouter(Router):
 
 
 class NoisyTopKRouter(Router):
-    """Noisy top-k gating (Shazeer et al. 2017): top k of ``x W_g + N(0, 1) * softplus(x W_noise)``.
+    """Noisy top-k gating: top k of ``x W_g + N(0, 1) * softplus(x W_noise)``.
 
-    The noise is drawn only in training mode; in eval mode the router is plain softmax top-k. The weights are
-    a softmax over the ``k`` kept logits. The paper's smooth "load" loss is not reproduced; use the
-    balance loss of :mod:`moe_ref.losses`.
+    Introduced by :cite:t:`shazeer2017outrageously`. The noise is drawn only in training mode; in eval mode
+    the router is plain softmax top-k. The weights are a softmax over the ``k`` kept logits. The paper's
+    smooth "load" loss is not reproduced; use the balance loss of :mod:`moe_ref.losses`.
 
     Attributes:
         w_noise: ``[E, d_model]`` parameter, zero-initialised (so training starts with noise of scale
@@ -257,9 +257,10 @@ class SigmoidRouter(Router):
     """DeepSeek-V3's router (see :func:`~moe_ref.routing.sigmoid_grouped_topk`) with the auxiliary-loss-free
     bias update.
 
-    Auxiliary-loss-free balancing (DeepSeek-AI 2024): :meth:`record_load` adds up the assignments of each
-    expert over the training steps since the last update (the MoE layer calls it once per training
-    forward, not again when activation checkpointing recomputes the forward); :meth:`update_bias` moves every
+    Auxiliary-loss-free balancing (:cite:t:`wang2024auxfree`, used by DeepSeek-V3 :cite:p:`deepseekv3`):
+    :meth:`record_load` adds up the assignments of each expert over the training steps since the last update
+    (the MoE layer calls it once per training forward, not again when activation checkpointing recomputes
+    the forward); :meth:`update_bias` moves every
     bias a fixed step towards balance, ``b_i += bias_update_rate * sign(mean_load - load_i)``, and resets the
     counts. An overloaded expert becomes less likely to be selected; the weights, and so the LM loss, never
     see the bias.
@@ -318,7 +319,7 @@ class SigmoidRouter(Router):
 
 
 class ExpertChoiceRouter(Router):
-    """Expert-choice routing (Zhou et al. 2022; see :func:`~moe_ref.routing.expert_choice`).
+    """Expert-choice routing :cite:p:`zhou2022expertchoice` (see :func:`~moe_ref.routing.expert_choice`).
 
     Each expert takes ``C = ceil(capacity_factor * T * k / E)`` (at most ``T``) of the ``T`` real tokens of
     the forward call, so a token gets ``k * capacity_factor`` experts on average.

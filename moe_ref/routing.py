@@ -3,12 +3,12 @@
 A router (:mod:`moe_ref.routers`) computes logits ``x W_g`` ``[T, E]``; a routing rule turns them into
 who-goes-where. The rules are plain functions so that they can be checked on logits written down by hand:
 
-* :func:`softmax_topk`: softmax over experts, keep the top ``k`` (Shazeer et al. 2017; GShard; Switch;
-  Mixtral; Qwen-MoE; OLMoE), with or without renormalising the ``k`` kept weights.
-* :func:`noisy_logits`: noisy top-k gating's logits (Shazeer et al. 2017).
+* :func:`softmax_topk`: softmax over experts, keep the top ``k`` :cite:p:`shazeer2017outrageously` (also
+  GShard, Switch, Mixtral, Qwen-MoE, OLMoE), with or without renormalising the ``k`` kept weights.
+* :func:`noisy_logits`: noisy top-k gating's logits :cite:p:`shazeer2017outrageously`.
 * :func:`sigmoid_grouped_topk`: sigmoid scores, a selection-only bias and group-limited selection
-  (DeepSeek-AI 2024, DeepSeek-V3).
-* :func:`expert_choice`: each expert picks its top-``C`` tokens (Zhou et al. 2022).
+  (DeepSeek-V3 :cite:p:`deepseekv3`).
+* :func:`expert_choice`: each expert picks its top-``C`` tokens :cite:p:`zhou2022expertchoice`.
 
 Every rule computes in float32 whatever the dtype of the logits ("float32" below means float32 for
 float32, bfloat16 and float16 logits, and float64 for float64 logits, so that ``gradcheck`` can run).
@@ -163,7 +163,9 @@ def softmax_topk(logits: torch.Tensor, k: int, *, norm_topk_prob: bool) -> Routi
 
 
 def noisy_logits(clean_logits: torch.Tensor, noise_logits: torch.Tensor) -> torch.Tensor:
-    """Noisy top-k gating's logits (Shazeer et al. 2017): ``H = x W_g + StandardNormal() * Softplus(x W_noise)``.
+    """Noisy top-k gating's logits: ``H = x W_g + StandardNormal() * Softplus(x W_noise)``.
+
+    Introduced with noisy top-k gating by :cite:t:`shazeer2017outrageously`.
 
     Args:
         clean_logits: ``[T, E]``, ``x W_g``.
@@ -193,7 +195,9 @@ def check_groups(num_experts: int, k: int, n_group: int, topk_group: int) -> Non
 def sigmoid_grouped_topk(logits: torch.Tensor, k: int, *, expert_bias: torch.Tensor | None = None,
                          n_group: int = 1, topk_group: int = 1, routed_scaling_factor: float = 1.0,
                          norm_topk_prob: bool = True) -> Routing:
-    """DeepSeek-V3 routing (DeepSeek-AI 2024): sigmoid scores, biased group-limited selection, unbiased weights.
+    """DeepSeek-V3 routing: sigmoid scores, biased group-limited selection, unbiased weights.
+
+    As described in the DeepSeek-V3 report :cite:p:`deepseekv3`.
 
     1. Scores ``s = sigmoid(logits)``; selection scores ``s + b`` with the per-expert bias ``b``
        (``expert_bias``), which steers *which* experts are chosen but not their weights.
@@ -249,7 +253,8 @@ def expert_choice_capacity(num_tokens: int, num_experts: int, k: int, capacity_f
     """Tokens per expert of expert-choice routing: ``C = ceil(capacity_factor * T * k / E)``, in ``[1, T]``.
 
     With ``capacity_factor = 1`` the experts process ``E * C ~ T * k`` (token, expert) pairs in all, the
-    same compute as top-k token choice (Zhou et al. 2022 write ``k = n * c / e``). 0 for ``T = 0``.
+    same compute as top-k token choice (:cite:t:`zhou2022expertchoice` write ``k = n * c / e``). 0 for
+    ``T = 0``.
     """
     _checks.positive_int("num_tokens", num_tokens, minimum=0)
     _checks.positive_int("num_experts", num_experts)
@@ -262,7 +267,9 @@ def expert_choice_capacity(num_tokens: int, num_experts: int, k: int, capacity_f
 
 
 def expert_choice(logits: torch.Tensor, capacity: int, *, token_mask: torch.Tensor | None = None) -> Routing:
-    """Expert-choice routing (Zhou et al. 2022): every expert takes its ``capacity`` highest-scoring tokens.
+    """Expert-choice routing: every expert takes its ``capacity`` highest-scoring tokens.
+
+    Introduced by :cite:t:`zhou2022expertchoice`.
 
     Scores are the softmax over experts, ``P = softmax(logits)`` ``[T, E]``; expert ``j`` takes the ``C``
     tokens with the largest ``P[:, j]`` and weights each by that score. Load is perfectly balanced by

@@ -1,9 +1,10 @@
 """Chapter 2: the dense paths beside the routed experts: shared experts and the residual MoE.
 
-* **Shared experts** (Dai et al. 2024, DeepSeekMoE; Qwen2-MoE): ``num`` FFNs that process every token, added
-  to the routed output. Their sum is one FFN of width ``num * d_hidden`` (the same function, one matmul).
-  Qwen2-MoE scales them by a learned per-token gate ``sigmoid(x w_gate)``.
-* **Residual MoE** (Rajbhandari et al. 2022, DeepSpeed-MoE): ``c0 * MLP(x) + c1 * MoE(x)`` with
+* **Shared experts** (DeepSeekMoE :cite:p:`dai2024deepseekmoe`; Qwen2-MoE :cite:p:`yang2024qwen2`): ``num``
+  FFNs that process every token, added to the routed output. Their sum is one FFN of width
+  ``num * d_hidden`` (the same function, one matmul). Qwen2-MoE scales them by a learned per-token gate
+  ``sigmoid(x w_gate)``.
+* **Residual MoE** (DeepSpeed-MoE :cite:p:`rajbhandari2022deepspeedmoe`): ``c0 * MLP(x) + c1 * MoE(x)`` with
   ``(c0, c1) = softmax(Linear(x, 2))``, a dense MLP mixed with the routed output per token.
 
 The mixing runs in float32 (float64 in a float64 module), like the combine it follows.

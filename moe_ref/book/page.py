@@ -78,8 +78,8 @@ def _in_ipython() -> bool:
 def glue(name: str, value: Any, fmt: str = "{}") -> str:
     """Store ``fmt.format(value)`` under ``name`` for the prose, without showing it; return the text.
 
-    The markdown cells quote it as ``{glue:text}`name` `` and the book pastes it in at build time, so a
-    number in the prose is always the one the committed run printed. Outside IPython this only formats.
+    The markdown cells quote it with myst-nb's ``glue:text`` role and the book pastes it in at build time,
+    so a number in the prose is always the one the committed run printed. Outside IPython this only formats.
     """
     if not isinstance(name, str) or not name.replace("_", "").isalnum():
         raise ValueError(f"name must be letters, digits and underscores, got {name!r}")

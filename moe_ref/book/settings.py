@@ -1,7 +1,8 @@
 """The one knob every notebook reads: where to run and how big.
 
 ``MOE_BOOK_SCALE`` (environment variable, default 1) multiplies the notebooks' step counts and sizes; the
-defaults are chosen to run in about a minute on a 2-core CPU. On a GPU, set e.g. ``MOE_BOOK_SCALE=20``.
+defaults are chosen so that each notebook runs in one to two minutes on a 2-core CPU. On a GPU, set
+e.g. ``MOE_BOOK_SCALE=20``.
 ``MOE_BOOK_DEVICE`` overrides the device (default: ``cuda`` when available, else ``cpu``).
 """
 

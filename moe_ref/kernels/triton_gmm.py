@@ -29,8 +29,9 @@ dY_e`` reduces over the rows of one expert: a second kernel, ``_gmm_dw_kernel``,
 
 **Fused gather.** In an MoE layer the grouped rows are token vectors permuted by expert,
 ``x_sorted = x[gather_indices]``. With ``gather_indices`` the kernel reads row ``r`` of the grouped problem
-from ``x[gather_indices[r]]`` directly, so the permuted copy is never written (ScatterMoE, vLLM's fused
-MoE). The backward scatters ``dX`` back with ``index_add_`` (a token appears ``k`` times).
+from ``x[gather_indices[r]]`` directly, so the permuted copy is never written (ScatterMoE
+:cite:p:`tan2024scattermoe`, vLLM's fused MoE). The backward scatters ``dX`` back with ``index_add_`` (a
+token appears ``k`` times).
 
 Both kernels are registered with ``torch.library`` (``moe_ref::grouped_mm_triton`` and
 ``moe_ref::grouped_mm_triton_dw``) with fake (meta) implementations and an autograd formula, so autograd
