@@ -31,8 +31,10 @@ mathjax: $(STAMP)
 	cd $(MATHJAX_DIR) && rm -rf sre tex-svg*.js tex-mml-*.js mml-*.js tex-chtml-full*.js node-main.js
 
 # Chromium comes from Debian's package (a browser download is not possible here); installed if missing.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 check-site: book
-	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+	command -v chromium >/dev/null || command -v google-chrome >/dev/null || \
+	  ($(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null)
 	$(BIN)/python tests/check_site.py --html _build/html --out _build/site-check
 
 # Triton kernels (later chapters) run in Triton's CPU interpreter when torch sees no GPU. The variable must

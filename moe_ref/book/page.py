@@ -67,24 +67,25 @@ def figsize(columns: int = 1, height: float | None = None) -> tuple[float, float
     return WIDTH, (height if height is not None else (3.6 if columns == 1 else 3.0))
 
 
-def _in_ipython() -> bool:
+def _in_jupyter() -> bool:
+    """True inside a Jupyter kernel (where displays can be updated in place and glued)."""
     try:
         from IPython import get_ipython
     except ImportError:
         return False
-    return get_ipython() is not None
+    return getattr(get_ipython(), "kernel", None) is not None
 
 
 def glue(name: str, value: Any, fmt: str = "{}") -> str:
     """Store ``fmt.format(value)`` under ``name`` for the prose, without showing it; return the text.
 
     The markdown cells quote it with myst-nb's ``glue:text`` role and the book pastes it in at build time,
-    so a number in the prose is always the one the committed run printed. Outside IPython this only formats.
+    so a number in the prose is always the one the committed run printed. Outside Jupyter this only formats.
     """
     if not isinstance(name, str) or not name.replace("_", "").isalnum():
         raise ValueError(f"name must be letters, digits and underscores, got {name!r}")
     text = fmt.format(value)
-    if _in_ipython():
+    if _in_jupyter():
         from IPython.display import display
 
         display({GLUE_PREFIX + "text/plain": text}, raw=True,
@@ -152,7 +153,7 @@ def table(rows, columns, formats=None, caption=None) -> Table:
 class Progress:
     """A progress line that updates in place in Jupyter and leaves one final line behind.
 
-    In IPython it is a display that is rewritten at most every ``every`` seconds, so a saved notebook, and
+    In Jupyter it is a display that is rewritten at most every ``every`` seconds, so a saved notebook, and
     the book rendered from it, keeps only the last state; elsewhere it prints only the final line.
     """
 
@@ -161,7 +162,7 @@ class Progress:
         self.enabled = enabled
         self.count, self.start, self._shown, self.postfix = 0, time.perf_counter(), 0.0, ""
         self._handle = None
-        if enabled and _in_ipython():
+        if enabled and _in_jupyter():
             from IPython.display import display
 
             self._handle = display({"text/plain": self._line()}, raw=True, display_id=True)
