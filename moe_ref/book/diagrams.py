@@ -684,6 +684,8 @@ def save_all(directory, *, fmt: str = "svg", dpi: int = 100) -> list[Path]:
 
     Returns the paths written.
     """
+    import matplotlib.pyplot as plt
+
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
