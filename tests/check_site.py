@@ -71,7 +71,8 @@ async ({phone}) => {
   }
   // dead space: empty outputs that take up height
   for (const out of article.querySelectorAll('.cell_output > *')) {
-    const empty = !(out.innerText || '').trim() && !out.querySelector('img, svg, table, mjx-container');
+    const visual = 'img, svg, table, figure, mjx-container';
+    const empty = !(out.innerText || '').trim() && !out.matches(visual) && !out.querySelector(visual);
     if (empty && out.getBoundingClientRect().height > 8)
       problems.push(`empty output ${Math.round(out.getBoundingClientRect().height)}px high`);
   }

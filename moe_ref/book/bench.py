@@ -27,7 +27,8 @@ bandwidth are given) and refuses to run without CUDA: there are no CPU numbers f
 Example::
 
     python -m moe_ref.bench layer --tokens 2048 --reps 20 --json results.json
-    python -m moe_ref.bench gmm --json gmm.json --plot gmm.png --peak-tflops 989 --peak-bandwidth 4.8
+    python -m moe_ref.bench gmm --json gmm.json --plot gmm.png \\
+        --peak-tflops 989 --peak-bandwidth 4.8
 """
 
 from __future__ import annotations

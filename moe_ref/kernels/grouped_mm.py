@@ -6,7 +6,8 @@ own weight matrix ``w[e]`` ``[K, N]`` and returns the ``[M, N]`` result, rows in
 
 .. code-block:: text
 
-    out[start_e:offsets[e]] = x[start_e:offsets[e]] @ w[e]     with start_e = offsets[e-1], and start_0 = 0
+    out[start_e:offsets[e]] = x[start_e:offsets[e]] @ w[e]
+    # where start_e = offsets[e-1], and start_0 = 0
 
 This is the semantics of ``torch.nn.functional.grouped_mm(x, w, offs=offsets)`` for a 2-D ``x`` and a
 3-D ``w``. Three backends compute it:
