@@ -482,7 +482,7 @@ def capacity_drops(tokens_per_expert: tuple[int, ...] = (5, 2, 3, 2), capacity: 
 # --- 4. the grouped-GEMM tile schedule --------------------------------------------------------------------
 
 class GemmTile(NamedTuple):
-    """One row tile of :func:`~moe_ref.kernels.triton_gmm._gmm_kernel`'s schedule."""
+    """One row tile of the schedule of ``_gmm_kernel`` (:mod:`moe_ref.kernels.triton_gmm`)."""
 
     tile_m: int  #: row-tile index (``pid // n_col_tiles`` in the kernel)
     expert: int  #: the group (expert) that owns it
