@@ -38,8 +38,10 @@ class AuxLossConfig:
     """Coefficients of the auxiliary losses of an MoE layer (each 0 turns that loss off).
 
     Attributes:
-        balance_coef: :func:`load_balancing_loss` (``transformers``: ``router_aux_loss_coef``, which multiplies
-            ``k`` times this loss; so ``balance_coef = k * router_aux_loss_coef``).
+        balance_coef: :func:`load_balancing_loss`, per layer. ``transformers``' ``router_aux_loss_coef``
+            multiplies ONE loss pooled over all ``L`` MoE layers, which is ``k`` times this loss; so
+            ``balance_coef = k * router_aux_loss_coef / L``, exactly when the layers carry the same load
+            (chapter 3 checks this against ``load_balancing_loss_func``).
         seq_balance_coef: :func:`sequence_balance_loss` (DeepSeek-V3's ``alpha``).
         z_coef: :func:`router_z_loss` (``router_z_loss_coef``; ST-MoE uses 0.001).
         compute_all: also compute the losses whose coefficient is 0, and compute them without gradients

@@ -54,7 +54,7 @@ Configuration, and where the same setting lives in ``transformers`` configs and 
      - ``n_shared_experts``, ``shared_expert_intermediate_size``
      - ``num_shared_experts``
    * - ``AuxLossConfig.balance_coef``
-     - ``k * router_aux_loss_coef``
+     - ``k * router_aux_loss_coef / L`` (``L`` MoE layers, pooled)
      - --
    * - ``AuxLossConfig.z_coef``
      - ``router_z_loss_coef``

@@ -1,0 +1,308 @@
+"""Chapter 3's balancing comparison: the same tiny MoE model trained under each balancing scheme.
+
+The chapter runs a few of these trainings live and plots the full grid from a committed results file, which
+this module writes::
+
+    python -m moe_ref.book.balance_runs --out chapters/data/balance_runs.json
+
+The grid crosses the gating function (softmax or sigmoid scores) with the balancing method (none, the
+auxiliary balance loss, the auxiliary-loss-free bias), so that a difference between methods is not a
+difference between gates, and adds the router z-loss to the softmax model. Every run of one seed starts
+from the same weights and sees the same batches; only the routing and its balancing change.
+
+For each run the file keeps the final validation loss (overall and per domain), the routing counts on
+fixed validation batches (``[domains][layers][experts]``), from which the chapter computes every balance
+measure, and the training load summed over windows of :data:`LOAD_WINDOW` steps (``[windows][layers]
+[experts]``); and, once, a ``provenance`` record: the command, the git commit, the torch and Python versions, the CPU,
+the thread count, the date and the wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..losses import AuxLossConfig
+from ..moe import MoE
+from ..routers import RouterConfig, SigmoidRouter
+from ..routing import Routing, count_per_expert
+from .data import Corpus, build_corpus
+from .model import ModelConfig, TinyTransformer
+from .train import History, TrainConfig, train
+
+MODEL = ModelConfig(vocab_size=256, block_size=64, d_model=64, n_layers=2, n_heads=4)
+"""The chapter's model: chapter 1's tiny transformer, made smaller so that many runs fit a CPU."""
+
+E, K, D_EXPERT = 8, 2, 64
+"""Experts per layer, experts per token, hidden width of each (SwiGLU) expert."""
+
+BALANCE_COEF, Z_COEF, BIAS_RATE = 0.01, 1e-3, 1e-2
+"""Auxiliary balance loss weight (Switch), router z-loss weight (ST-MoE), bias step per optimizer step."""
+
+TRAIN = dict(steps=200, batch_size=32, lr=6e-3, warmup=20)
+"""The training budget of every run (``eval_every`` is set to the number of steps)."""
+
+EVAL = dict(batches=4, batch_size=32, seed=1234)
+"""The fixed validation batches (per domain) whose routing counts the results keep."""
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """One cell of the grid: the gating function and the balancing method.
+
+    Attributes:
+        gating: ``"softmax"`` or ``"sigmoid"`` scores.
+        method: ``"none"``, ``"aux"``, ``"bias"``, ``"aux+z"`` or ``"z"``.
+        balance_coef, z_coef: the :class:`~moe_ref.losses.AuxLossConfig` coefficients.
+        bias_rate: the auxiliary-loss-free bias step (0: no bias).
+    """
+
+    gating: str
+    method: str
+    balance_coef: float = 0.0
+    z_coef: float = 0.0
+    bias_rate: float = 0.0
+
+    @property
+    def label(self) -> str:
+        return f"{self.gating}, {self.method}"
+
+
+SCHEMES = {
+    "softmax:none": Scheme("softmax", "none"),
+    "softmax:aux": Scheme("softmax", "aux", balance_coef=BALANCE_COEF),
+    "softmax:bias": Scheme("softmax", "bias", bias_rate=BIAS_RATE),
+    "sigmoid:none": Scheme("sigmoid", "none"),
+    "sigmoid:aux": Scheme("sigmoid", "aux", balance_coef=BALANCE_COEF),
+    "sigmoid:bias": Scheme("sigmoid", "bias", bias_rate=BIAS_RATE),
+    "softmax:aux+z": Scheme("softmax", "aux+z", balance_coef=BALANCE_COEF, z_coef=Z_COEF),
+    "softmax:z": Scheme("softmax", "z", z_coef=Z_COEF),
+}
+"""The grid, by key (``gating:method``)."""
+
+
+class SoftmaxBiasRouter(SigmoidRouter):
+    """Softmax top-k with the auxiliary-loss-free bias (moe_ref has it for sigmoid).
+
+    Selection ranks ``p + b``, the softmax probabilities plus the bias; the weights
+    are the chosen experts' unbiased ``p``, renormalised. The bias and its update
+    after each optimizer step are the sigmoid router's (``update_bias``).
+    """
+
+    def route(self, logits, token_mask):
+        probs = logits.softmax(dim=-1)
+        selection = probs.detach() + self.expert_bias  # the bias only picks experts
+        expert_indices = selection.topk(self.k, dim=-1).indices
+        weights = probs.gather(1, expert_indices)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        counts = count_per_expert(expert_indices, self.num_experts)
+        routing = Routing(expert_indices, weights, logits, probs, probs,
+                          tokens_per_expert=counts)
+        return routing.with_token_mask(token_mask)
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, num_experts={self.num_experts}, k={self.k}, "
+                f"bias_update_rate={self.bias_update_rate}")
+
+
+def make_model(key: str, seed: int, model_config: ModelConfig = MODEL) -> TinyTransformer:
+    """The model of scheme ``key`` (a key of :data:`SCHEMES`), initialised from ``seed``.
+
+    All schemes of one seed get the same initial weights: the router modules have the same parameters, and
+    the softmax-with-bias router is swapped in without drawing random numbers.
+    """
+    scheme = SCHEMES[key]
+    if scheme.gating == "sigmoid":
+        router = RouterConfig("sigmoid", bias_update_rate=scheme.bias_rate)
+    else:
+        router = RouterConfig("softmax")
+    losses = AuxLossConfig(balance_coef=scheme.balance_coef, z_coef=scheme.z_coef)
+
+    def moe(layer: int) -> MoE:
+        layer_moe = MoE(model_config.d_model, D_EXPERT, E, K, init_std=0.02, router=router,
+                        aux_losses=losses)
+        if scheme.gating == "softmax" and scheme.bias_rate > 0:
+            with torch.random.fork_rng(devices=[]):   # keep the random stream of the other schemes
+                layer_moe.router = SoftmaxBiasRouter(model_config.d_model, E, K,
+                                                     bias_update_rate=scheme.bias_rate)
+        return layer_moe
+
+    torch.manual_seed(seed)
+    return TinyTransformer(model_config, ffn_factory=moe)
+
+
+@dataclass
+class Run:
+    """One trained run: the model, its history, and each layer's load and bias after every step.
+
+    Attributes:
+        load: ``[steps, layers, E]`` assignments per expert of each training batch.
+        bias: ``[steps, layers, E]`` selection biases after each step, or ``None`` without a bias.
+    """
+
+    model: TinyTransformer
+    history: History
+    load: torch.Tensor
+    bias: torch.Tensor | None
+
+
+def train_run(key: str, seed: int, corpus: Corpus, steps: int = TRAIN["steps"], *,
+              device: str = "cpu", model_config: ModelConfig = MODEL) -> Run:
+    """Train scheme ``key`` with ``seed`` (initialisation and data order) for ``steps`` steps."""
+    model = make_model(key, seed, model_config).to(device)
+    has_bias = SCHEMES[key].bias_rate > 0
+    load, bias = [], []
+
+    def record(step, model, x, labels):
+        load.append(torch.stack([f.tokens_per_expert.float().cpu() for f in model.ffns]))
+        if has_bias:
+            bias.append(torch.stack([f.router.expert_bias.cpu() for f in model.ffns]))
+
+    config = TrainConfig(**{**TRAIN, "steps": steps}, eval_every=steps, seed=seed)
+    history = train(model, corpus, config, progress=False, callback=record)
+    return Run(model, history, torch.stack(load), torch.stack(bias) if has_bias else None)
+
+
+@torch.no_grad()
+def routing_counts(model: TinyTransformer, corpus: Corpus, *, batches: int = EVAL["batches"],
+                   batch_size: int = EVAL["batch_size"], seed: int = EVAL["seed"]) -> torch.Tensor:
+    """Assignments per expert on fixed validation batches of each domain: ``[domains, layers, E]``."""
+    model.eval()
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    counts = torch.zeros(len(corpus.domains), len(model.ffns), E)
+    for d, domain in enumerate(corpus.domains):
+        for _ in range(batches):
+            x, _, _ = corpus.get_batch("val", batch_size, model.config.block_size, generator,
+                                       domain=domain)
+            model(x.to(device))
+            for layer, ffn in enumerate(model.ffns):
+                counts[d, layer] += ffn.tokens_per_expert.float().cpu()
+    return counts
+
+
+LOAD_WINDOW = 10
+"""The results keep the training load summed over windows of this many steps."""
+
+
+def window_sums(load: torch.Tensor, width: int) -> torch.Tensor:
+    """``load`` ``[steps, ...]`` summed over consecutive windows of ``width`` steps (a last partial one
+    included): ``[ceil(steps / width), ...]``."""
+    return torch.stack([w.sum(0) for w in load.split(width)])
+
+
+def _git_commit() -> str | None:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("+uncommitted changes" if dirty else "")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def provenance(argv: list[str], seconds: float, device: str) -> dict:
+    """Where and how a results file was made."""
+    return {
+        "command": " ".join(["python -m moe_ref.book.balance_runs", *argv]),
+        "git_commit": _git_commit(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "device": device,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "wall_seconds": round(seconds, 1),
+    }
+
+
+def run_grid(keys, seeds, steps: int, corpus: Corpus, device: str = "cpu", log=print) -> list[dict]:
+    """Train every ``(key, seed)`` and return one JSON-ready record per run."""
+    records = []
+    for key in keys:
+        for seed in seeds:
+            t0 = time.perf_counter()
+            run = train_run(key, seed, corpus, steps, device=device)
+            counts = routing_counts(run.model, corpus)
+            records.append({
+                "scheme": key, "seed": seed,
+                "val_loss": run.history.val_loss[-1],
+                "val_loss_by_domain": {d: v[-1] for d, v in run.history.val_loss_by_domain.items()},
+                "counts": counts.int().tolist(),
+                "train_load": window_sums(run.load, LOAD_WINDOW).int().tolist(),
+                "seconds": round(time.perf_counter() - t0, 2),
+            })
+            log(f"{key:14s} seed {seed}: val loss {records[-1]['val_loss']:.4f}, "
+                f"{records[-1]['seconds']:.1f} s")
+    return records
+
+
+def dumps(result: dict) -> str:
+    """``result`` as indented JSON whose innermost lists of numbers stay on one line."""
+    text = json.dumps(result, indent=1)
+    return re.sub(r"\[\s+([-+.\deE,\s]+?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]",
+                  text) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Command line: train the grid and write the results file. Returns what it wrote."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog="python -m moe_ref.book.balance_runs",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, type=Path, help="the JSON file to write")
+    parser.add_argument("--seeds", type=int, default=5, help="seeds 0 .. N-1 (default 5)")
+    parser.add_argument("--steps", type=int, default=TRAIN["steps"], help="steps per run")
+    parser.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=list(SCHEMES),
+                        metavar="KEY", help=f"schemes to run (default all: {', '.join(SCHEMES)})")
+    parser.add_argument("--bytes-per-domain", type=int, default=400_000)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: runs are small, threads contend)")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    corpus = build_corpus(bytes_per_domain=args.bytes_per_domain)
+    seeds = list(range(args.seeds))
+    records = run_grid(args.schemes, seeds, args.steps, corpus, args.device)
+    result = {
+        "provenance": provenance(argv, time.perf_counter() - t0, args.device),
+        "settings": {
+            "steps": args.steps, "seeds": seeds, "bytes_per_domain": args.bytes_per_domain,
+            "model": asdict(MODEL), "experts": {"E": E, "k": K, "d_expert": D_EXPERT},
+            "train": {**TRAIN, "steps": args.steps}, "eval": EVAL, "domains": list(corpus.domains),
+        },
+        "schemes": {key: asdict(SCHEMES[key]) for key in args.schemes},
+        "runs": records,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(dumps(result))
+    print(f"wrote {args.out} ({len(records)} runs, {result['provenance']['wall_seconds']} s)")
+    return result
+
+
+if __name__ == "__main__":
+    main()
