@@ -74,7 +74,7 @@ def _configs(kind: str) -> list:
 
 @triton.jit
 def _group_bounds(offs_ptr, expert):
-    """Row start and end of group ``expert`` (scalars), read from the cumulative ends ``offs_ptr``."""
+    """First and end row of group ``expert``, from the cumulative ends ``offs_ptr``."""
     end = tl.load(offs_ptr + expert).to(tl.int32)
     start = tl.load(offs_ptr + expert - 1, mask=expert > 0, other=0).to(tl.int32)
     return start, end
@@ -83,13 +83,15 @@ def _group_bounds(offs_ptr, expert):
 @triton.autotune(configs=_configs("fwd"), key=["N", "K"])
 @triton.jit
 def _gmm_kernel(x_ptr, w_ptr, y_ptr, offs_ptr, gather_ptr, N, K, E,
-                stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_ym, stride_yn,
+                stride_xm, stride_xk, stride_we, stride_wk, stride_wn,
+                stride_ym, stride_yn,
                 HAS_GATHER: tl.constexpr, E_POW2: tl.constexpr, PRECISION: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """One ``[BLOCK_M, BLOCK_N]`` output tile of ``y[group e] = x[group e] @ w[e]``.
 
-    Program ``pid`` is (row tile ``pid // n_col_tiles``, column tile ``pid % n_col_tiles``); the row tile
-    index runs over all experts' tiles, expert 0's first.
+    Program ``pid`` is (row tile ``pid // n_col_tiles``, column tile
+    ``pid % n_col_tiles``); the row tile index runs over all experts' tiles,
+    expert 0's first.
     """
     pid = tl.program_id(0)
     n_col_tiles = tl.cdiv(N, BLOCK_N)
@@ -101,7 +103,7 @@ def _gmm_kernel(x_ptr, w_ptr, y_ptr, offs_ptr, gather_ptr, N, K, E,
     ends = tl.load(offs_ptr + e, mask=e < E, other=0).to(tl.int32)
     starts = tl.load(offs_ptr + e - 1, mask=(e > 0) & (e < E), other=0).to(tl.int32)
     tiles = tl.where(e < E, tl.cdiv(ends - starts, BLOCK_M), 0)  # row tiles per expert
-    cum = tl.cumsum(tiles, 0)  # inclusive: expert e owns tiles [cum[e] - tiles[e], cum[e])
+    cum = tl.cumsum(tiles, 0)  # inclusive: expert e owns [cum[e] - tiles[e], cum[e])
     if tile_m >= tl.sum(tiles, 0):
         return  # the launch is an upper bound; this program has no tile
     expert = tl.sum((cum <= tile_m).to(tl.int32), 0)
@@ -114,17 +116,18 @@ def _gmm_kernel(x_ptr, w_ptr, y_ptr, offs_ptr, gather_ptr, N, K, E,
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < row_end
     col_ok = cols < N
-    if HAS_GATHER:  # row r of the grouped problem is row gather[r] of x: no permuted copy of x
+    if HAS_GATHER:  # row r of the grouped problem is row gather[r] of x: no copy of x
         src = tl.load(gather_ptr + rows, mask=row_ok, other=0).to(tl.int64)
     else:
         src = rows.to(tl.int64)
     ks = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + src[:, None] * stride_xm + ks[None, :] * stride_xk
-    w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
+    w_ptrs = (w_ptr + expert.to(tl.int64) * stride_we
+              + ks[:, None] * stride_wk + cols[None, :] * stride_wn)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # float32 accumulator for any input dtype
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # float32 for any input dtype
     for k0 in range(0, K, BLOCK_K):
-        k_ok = (k0 + ks) < K  # the last K slice may be partial: masked loads read zeros
+        k_ok = (k0 + ks) < K  # the last K slice may be partial: masked loads read 0
         a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
@@ -132,18 +135,21 @@ def _gmm_kernel(x_ptr, w_ptr, y_ptr, offs_ptr, gather_ptr, N, K, E,
         w_ptrs += BLOCK_K * stride_wk
 
     y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.autotune(configs=_configs("dw"), key=["N", "K"])
 @triton.jit
 def _gmm_dw_kernel(x_ptr, dy_ptr, dw_ptr, offs_ptr, gather_ptr, N, K,
-                   stride_xm, stride_xk, stride_dym, stride_dyn, stride_we, stride_wk, stride_wn,
+                   stride_xm, stride_xk, stride_dym, stride_dyn,
+                   stride_we, stride_wk, stride_wn,
                    HAS_GATHER: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One ``[BLOCK_K, BLOCK_N]`` tile of ``dw[e] = x[group e]ᵀ @ dy[group e]``; grid (expert, K tile, N tile).
+    """One ``[BLOCK_K, BLOCK_N]`` tile of ``dw[e] = x[group e]ᵀ @ dy[group e]``.
 
-    The reduction runs over the expert's rows, ``BLOCK_M`` at a time; an expert without rows stores zeros.
+    The grid is (expert, K tile, N tile). The reduction runs over the expert's rows,
+    ``BLOCK_M`` at a time; an expert without rows stores zeros.
     """
     expert = tl.program_id(0)
     kk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -160,15 +166,18 @@ def _gmm_dw_kernel(x_ptr, dy_ptr, dw_ptr, offs_ptr, gather_ptr, N, K,
             src = tl.load(gather_ptr + rows, mask=row_ok, other=0).to(tl.int64)
         else:
             src = rows.to(tl.int64)
-        # x tile loaded already transposed, [BLOCK_K, BLOCK_M]: only the pointer arithmetic changes
+        # x tile loaded already transposed, [BLOCK_K, BLOCK_M]: only the pointers change
         a = tl.load(x_ptr + kk[:, None] * stride_xk + src[None, :] * stride_xm,
                     mask=k_ok[:, None] & row_ok[None, :], other=0.0)
-        b = tl.load(dy_ptr + rows.to(tl.int64)[:, None] * stride_dym + cols[None, :] * stride_dyn,
+        b = tl.load(dy_ptr + rows.to(tl.int64)[:, None] * stride_dym
+                    + cols[None, :] * stride_dyn,
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
 
-    dw_ptrs = dw_ptr + expert.to(tl.int64) * stride_we + kk[:, None] * stride_wk + cols[None, :] * stride_wn
-    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=k_ok[:, None] & col_ok[None, :])
+    dw_ptrs = (dw_ptr + expert.to(tl.int64) * stride_we
+               + kk[:, None] * stride_wk + cols[None, :] * stride_wn)
+    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty),
+             mask=k_ok[:, None] & col_ok[None, :])
 
 
 def _precision(dtype: torch.dtype) -> str:
