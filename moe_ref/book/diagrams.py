@@ -331,10 +331,12 @@ def data_path(T: int = 6, d: int = 4, E: int = 3, k: int = 2, d_ff: int = 8, *, 
     y2 = y1 - band1 - 1.2 - 0.45  # top of the bottom band's matrices
     _arrow(ax, (x_x + wd / 2, y1 - band1 - 0.06), (x_x + wd / 2, y2 + 0.5), color=INK)
     tx, ty = x_x + wd / 2 + 0.15, (y1 - band1 + y2 + 0.5) / 2 - 0.08
-    _text(ax, tx, ty + 0.12, "sort by expert (stable), permute:", ha="left")
+    label = _text(ax, tx, ty + 0.12, "sort by expert (stable), permute:", ha="left")
     _text(ax, tx, ty - 0.12, "x_sorted = x[token_ids]", ha="left", family="monospace")
-    _arrow(ax, (x_i + 0.05 + k * cw_i / 2, y1 - band1 - 0.06), (x_i + 0.05 + k * cw_i / 2, ty + 0.26),
-           color=GREY, ls="--", lw=1.0)
+    # expert_indices feeds the sort: a dashed arrow down, then left to the end of the label
+    label_end = label.get_window_extent(fig.canvas.get_renderer()).transformed(ax.transData.inverted()).x1
+    _arrow(ax, (x_i + 0.05 + k * cw_i / 2, y1 - band1 - 0.06), (label_end + 0.08, ty + 0.12),
+           color=GREY, ls="--", lw=1.0, connection="angle,angleA=-90,angleB=0,rad=0")
 
     # ---- bottom band
     band2 = A * rh
