@@ -6,7 +6,9 @@ picked by any number of tokens. Fixed-shape implementations, GShard :cite:p:`lep
 the pairs that do not fit are **dropped**: they contribute zero to the token's output, so the residual stream
 carries the token through the layer unchanged.
 
-The capacity formula (:func:`expert_capacity`) is DeepSpeed-MoE's :cite:p:`rajbhandari2022deepspeedmoe`:
+The capacity formula (:func:`expert_capacity`) is the one of DeepSpeed's code
+(``_capacity`` in ``deepspeed/moe/sharded_moe.py`` :cite:p:`deepspeed_sharded_moe`, which its top-k gates
+call with ``capacity_factor * k``), clamped to ``S``, which DeepSpeed does not do:
 
 .. code-block:: text
 
@@ -67,7 +69,7 @@ class CapacityConfig:
         capacity_factor: ``C = ceil(capacity_factor * S * k / E)`` per expert and group of ``S`` tokens
             (:func:`expert_capacity`); ``transformers``/DeepSpeed: ``capacity_factor``.
         capacity: an explicit ``C`` instead (Switch's ``expert_capacity``). Give exactly one of the two.
-        min_capacity: a floor on ``C`` (DeepSpeed-MoE uses 4).
+        min_capacity: a floor on ``C`` (DeepSpeed's ``MoE`` layer defaults to 4).
         group: ``"sequence"`` (default; as ``transformers``' Switch) or ``"batch"`` (all tokens of the call).
         drop_priority: ``"position"`` (default), ``"choice"`` (GShard) or ``"score"`` (V-MoE).
     """
@@ -149,7 +151,7 @@ def expert_capacity(num_tokens: int, num_experts: int, k: int, *, capacity_facto
         k: experts per token.
         capacity_factor: multiplies the balanced load ``S * k / E``; finite and ``> 0``.
         capacity: an explicit capacity ``>= 1`` instead of ``capacity_factor`` (exactly one of the two).
-        min_capacity: a floor, as DeepSpeed-MoE's ``min_capacity`` (default 0, no floor beyond 1).
+        min_capacity: a floor, as DeepSpeed's ``min_capacity`` (default 0, no floor beyond 1).
 
     Returns:
         ``C``, an int in ``[1, S]``, or 0 for an empty group.
