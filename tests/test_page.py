@@ -14,9 +14,17 @@ import pytest  # noqa: E402
 from moe_ref.book import page  # noqa: E402
 
 
-def test_glue_formats_and_validates_names():
-    assert page.glue("ch0_loss", 1.23456, "{:.2f}") == "1.23"
-    assert page.glue("ch0_pct", 0.107, "{:.1%}") == "10.7%"
+def test_glue_formats_and_validates_names(monkeypatch):
+    shown = []
+    monkeypatch.setattr(page, "_in_jupyter", lambda: True)
+    import IPython.display
+
+    monkeypatch.setattr(IPython.display, "display", lambda bundle, **kw: shown.append(bundle))
+    assert page.glue("ch0_loss", 1.23456, "{:.2f}") is None  # a cell ending with it shows nothing
+    page.glue("ch0_pct", 0.107, "{:.1%}")
+    assert [list(b.values())[0] for b in shown] == ["1.23", "10.7%"]
+    with pytest.raises(ValueError):
+        page.glue("ch0_bad", 1.0, "{:d}")  # the format is checked even outside Jupyter
     for bad in ("has space", "dash-name", "", "a.b"):
         with pytest.raises(ValueError, match="name"):
             page.glue(bad, 1)

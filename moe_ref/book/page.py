@@ -76,11 +76,12 @@ def _in_jupyter() -> bool:
     return getattr(get_ipython(), "kernel", None) is not None
 
 
-def glue(name: str, value: Any, fmt: str = "{}") -> str:
-    """Store ``fmt.format(value)`` under ``name`` for the prose, without showing it; return the text.
+def glue(name: str, value: Any, fmt: str = "{}") -> None:
+    """Store ``fmt.format(value)`` under ``name`` for the prose, without showing it.
 
     The markdown cells quote it with myst-nb's ``glue:text`` role and the book pastes it in at build time,
-    so a number in the prose is always the one the committed run printed. Outside Jupyter this only formats.
+    so a number in the prose is always the one the committed run printed. Outside Jupyter it only checks
+    the name and the format. It returns nothing, so a cell that ends with it shows nothing.
     """
     if not isinstance(name, str) or not name.replace("_", "").isalnum():
         raise ValueError(f"name must be letters, digits and underscores, got {name!r}")
@@ -90,7 +91,6 @@ def glue(name: str, value: Any, fmt: str = "{}") -> str:
 
         display({GLUE_PREFIX + "text/plain": text}, raw=True,
                 metadata={"scrapbook": {"name": name, "mime_prefix": GLUE_PREFIX}})
-    return text
 
 
 class Table:
