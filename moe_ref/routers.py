@@ -10,8 +10,8 @@ one :class:`RouterConfig`, which :class:`~moe_ref.moe.MoE` takes as its ``router
      - rule
      - options
    * - ``"softmax"``
-     - :func:`~moe_ref.routing.softmax_topk`
-     - ``norm_topk_prob``
+     - :func:`~moe_ref.routing.softmax_topk`, optionally with the auxiliary-loss-free bias
+     - ``norm_topk_prob``, ``bias_update_rate``
    * - ``"noisy"``
      - noisy logits, then softmax top-k renormalised
      -
@@ -58,8 +58,9 @@ class RouterConfig:
         n_group: sigmoid: expert groups for group-limited selection (``n_group``).
         topk_group: sigmoid: groups a token may use (``topk_group``).
         routed_scaling_factor: sigmoid: scale of the weights (``routed_scaling_factor``).
-        bias_update_rate: sigmoid: the step of the auxiliary-loss-free bias update (DeepSeek-V3 uses 0.001;
-            torchtitan's ``load_balance_coeff``); 0 turns it off.
+        bias_update_rate: softmax and sigmoid: the step of the auxiliary-loss-free bias update
+            (DeepSeek-V3 uses 0.001; torchtitan's ``load_balance_coeff``); 0 turns it off. ``None``
+            (default): 0.001 for sigmoid, and no bias for softmax.
         capacity_factor: expert choice: each expert takes ``ceil(capacity_factor * T * k / E)`` tokens.
         jitter_noise: training only, multiply the router's input by ``U(1 - eps, 1 + eps)`` noise
             (``router_jitter_noise``); 0 is off.
@@ -71,7 +72,7 @@ class RouterConfig:
     n_group: int = 1
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
-    bias_update_rate: float = 1e-3
+    bias_update_rate: float | None = None
     capacity_factor: float = 1.0
     jitter_noise: float = 0.0
     jitter_experts: bool = False
@@ -79,7 +80,7 @@ class RouterConfig:
     #: The options of each kind (the jitter options apply to all).
     _KIND_OPTIONS = {"norm_topk_prob": ("softmax", "sigmoid"), "n_group": ("sigmoid",),
                      "topk_group": ("sigmoid",), "routed_scaling_factor": ("sigmoid",),
-                     "bias_update_rate": ("sigmoid",), "capacity_factor": ("expert_choice",)}
+                     "bias_update_rate": ("softmax", "sigmoid"), "capacity_factor": ("expert_choice",)}
 
     def __post_init__(self):
         _checks.choice("kind", self.kind, ROUTERS)
@@ -92,7 +93,8 @@ class RouterConfig:
         _checks.positive_int("n_group", self.n_group)
         _checks.positive_int("topk_group", self.topk_group)
         _checks.finite_float("routed_scaling_factor", self.routed_scaling_factor, minimum=0.0, strict=True)
-        _checks.finite_float("bias_update_rate", self.bias_update_rate, minimum=0.0)
+        if self.bias_update_rate is not None:
+            _checks.finite_float("bias_update_rate", self.bias_update_rate, minimum=0.0)
         _checks.finite_float("capacity_factor", self.capacity_factor, minimum=0.0, strict=True)
         _checks.finite_float("jitter_noise", self.jitter_noise, minimum=0.0)
         if self.jitter_noise >= 1:
@@ -122,6 +124,16 @@ def _keep_float32(fn):
 class Router(nn.Module):
     """Base of the routers: a bias-free linear gate ``x -> x W_g`` ``[T, E]`` computed in float32.
 
+    **The auxiliary-loss-free bias** :cite:p:`wang2024auxfree` (sigmoid router always; softmax router with
+    ``bias_update_rate > 0``): a selection-only bias ``b`` ``[E]`` (buffer ``expert_bias``, float32;
+    ``e_score_correction_bias`` in ``transformers``). :meth:`record_load` adds up the assignments of each
+    expert over the training steps since the last update (the MoE layer calls it once per training forward,
+    not again when activation checkpointing recomputes the forward; buffer ``load_since_update``, int64, in
+    the state dict so that a checkpoint taken between updates resumes exactly); :meth:`update_bias` moves
+    every bias a fixed step towards balance, ``b_i += bias_update_rate * sign(mean_load - load_i)``, and
+    resets the counts. An overloaded expert becomes less likely to be selected; the weights, and so the LM
+    loss, never see the bias. Without a bias both methods are no-ops.
+
     Args:
         d_model: width of the token vectors.
         num_experts: ``E``.
@@ -143,8 +155,22 @@ class Router(nn.Module):
         return super()._apply(_keep_float32(fn), recurse)
 
     def reset_parameters(self) -> None:
-        """Re-initialise the gate as ``nn.Linear`` does."""
+        """Re-initialise the gate as ``nn.Linear`` does (and zero the bias and its counts, if any)."""
         self.gate.reset_parameters()
+        if self.has_bias:
+            self.expert_bias.zero_()
+            self.load_since_update.zero_()
+
+    def _add_bias(self, bias_update_rate: float) -> None:
+        """Give this router the auxiliary-loss-free bias (see :class:`Router`)."""
+        self.bias_update_rate = _checks.finite_float("bias_update_rate", bias_update_rate, minimum=0.0)
+        self.register_buffer("expert_bias", torch.zeros(self.num_experts, dtype=torch.float32))
+        self.register_buffer("load_since_update", torch.zeros(self.num_experts, dtype=torch.int64))
+
+    @property
+    def has_bias(self) -> bool:
+        """Whether this router selects with the auxiliary-loss-free bias."""
+        return "expert_bias" in self._buffers
 
     def jitter(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` times ``U(1 - jitter_noise, 1 + jitter_noise)`` noise in training mode; ``x`` otherwise."""
@@ -181,11 +207,24 @@ class Router(nn.Module):
             x = torch.where(token_mask.unsqueeze(1), x, torch.zeros_like(x))
         return x, token_mask
 
+    @torch.no_grad()
     def record_load(self, tokens_per_expert: torch.Tensor) -> None:
-        """Count a training step's load (used by the sigmoid router's bias update; a no-op here)."""
+        """Add ``tokens_per_expert`` ``[E]`` to the counts of :meth:`update_bias` (no-op without a bias)."""
+        if self.has_bias:
+            self.load_since_update += tokens_per_expert.to(self.load_since_update.device)
 
+    @torch.no_grad()
     def update_bias(self) -> None:
-        """The auxiliary-loss-free bias update after an optimizer step (sigmoid router; a no-op here)."""
+        """``expert_bias += bias_update_rate * sign(mean load - load)``, then reset the counts.
+
+        A no-op without a bias, or when no load was recorded since the last update.
+        """
+        if not self.has_bias:
+            return
+        load = self.load_since_update.to(self.expert_bias.dtype)
+        if self.bias_update_rate > 0 and load.sum() > 0:
+            self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
+        self.load_since_update.zero_()
 
     def flops_per_token(self) -> int:
         """Forward matmul FLOPs per token: ``2 * d_model * E``."""
@@ -202,16 +241,27 @@ class TopKRouter(Router):
     Args:
         norm_topk_prob: renormalise the ``k`` kept weights; ``None`` (default) means ``k > 1``: Switch's raw
             probability for ``k = 1``, GShard and Mixtral's renormalised weights for ``k >= 2``.
+        bias_update_rate: if > 0, select with the auxiliary-loss-free bias (see :class:`Router`):
+            the top ``k`` of ``p + b``, weighted by the unbiased ``p``. 0 (default): plain top-k, no bias
+            buffers.
         Others: as :class:`Router`.
     """
 
     def __init__(self, d_model: int, num_experts: int, k: int, *, norm_topk_prob: bool | None = None,
-                 jitter_noise: float = 0.0):
+                 bias_update_rate: float = 0.0, jitter_noise: float = 0.0):
         super().__init__(d_model, num_experts, k, jitter_noise=jitter_noise)
         self.norm_topk_prob = _checks.boolean("norm_topk_prob", k > 1 if norm_topk_prob is None else norm_topk_prob)
+        if _checks.finite_float("bias_update_rate", bias_update_rate, minimum=0.0) > 0:
+            self._add_bias(bias_update_rate)
 
     def route(self, logits: torch.Tensor, token_mask: torch.Tensor | None) -> Routing:
-        return softmax_topk(logits, self.k, norm_topk_prob=self.norm_topk_prob).with_token_mask(token_mask)
+        bias = self.expert_bias if self.has_bias else None
+        return softmax_topk(logits, self.k, norm_topk_prob=self.norm_topk_prob,
+                            expert_bias=bias).with_token_mask(token_mask)
+
+    def extra_repr(self) -> str:
+        bias = f", bias_update_rate={self.bias_update_rate}" if self.has_bias else ""
+        return f"{super().extra_repr()}{bias}"
 
 
 class NoisyTopKRouter(Router):
@@ -257,13 +307,10 @@ class SigmoidRouter(Router):
     """DeepSeek-V3's router (see :func:`~moe_ref.routing.sigmoid_grouped_topk`) with the auxiliary-loss-free
     bias update.
 
-    Auxiliary-loss-free balancing (:cite:t:`wang2024auxfree`, used by DeepSeek-V3 :cite:p:`deepseekv3`):
-    :meth:`record_load` adds up the assignments of each expert over the training steps since the last update
-    (the MoE layer calls it once per training forward, not again when activation checkpointing recomputes
-    the forward); :meth:`update_bias` moves every
-    bias a fixed step towards balance, ``b_i += bias_update_rate * sign(mean_load - load_i)``, and resets the
-    counts. An overloaded expert becomes less likely to be selected; the weights, and so the LM loss, never
-    see the bias.
+    Auxiliary-loss-free balancing (:cite:t:`wang2024auxfree`, used by DeepSeek-V3 :cite:p:`deepseekv3`),
+    as described in :class:`Router`: the router always has the bias buffers (a ``transformers``
+    DeepSeek-V3 gate's ``e_score_correction_bias`` loads into them), and ``bias_update_rate=0`` only stops
+    the updates.
 
     Args:
         n_group, topk_group, routed_scaling_factor, norm_topk_prob, bias_update_rate: see
@@ -285,32 +332,12 @@ class SigmoidRouter(Router):
         self.routed_scaling_factor = _checks.finite_float("routed_scaling_factor", routed_scaling_factor,
                                                           minimum=0.0, strict=True)
         self.norm_topk_prob = _checks.boolean("norm_topk_prob", norm_topk_prob)
-        self.bias_update_rate = _checks.finite_float("bias_update_rate", bias_update_rate, minimum=0.0)
-        self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
-        self.register_buffer("load_since_update", torch.zeros(num_experts, dtype=torch.int64))
-
-    def reset_parameters(self) -> None:
-        super().reset_parameters()
-        self.expert_bias.zero_()
-        self.load_since_update.zero_()
+        self._add_bias(bias_update_rate)
 
     def route(self, logits: torch.Tensor, token_mask: torch.Tensor | None) -> Routing:
         return sigmoid_grouped_topk(logits, self.k, expert_bias=self.expert_bias, n_group=self.n_group,
                                     topk_group=self.topk_group, routed_scaling_factor=self.routed_scaling_factor,
                                     norm_topk_prob=self.norm_topk_prob).with_token_mask(token_mask)
-
-    @torch.no_grad()
-    def record_load(self, tokens_per_expert: torch.Tensor) -> None:
-        """Add ``tokens_per_expert`` ``[E]`` to the counts of :meth:`update_bias`."""
-        self.load_since_update += tokens_per_expert.to(self.load_since_update.device)
-
-    @torch.no_grad()
-    def update_bias(self) -> None:
-        """``expert_bias += bias_update_rate * sign(mean load - load)``, then reset the counts (no-op if none)."""
-        load = self.load_since_update.to(self.expert_bias.dtype)
-        if self.bias_update_rate > 0 and load.sum() > 0:
-            self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
-        self.load_since_update.zero_()
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, n_group={self.n_group}, topk_group={self.topk_group}, "
@@ -343,13 +370,15 @@ def make_router(config: RouterConfig | str, d_model: int, num_experts: int, k: i
     """Build the router a :class:`RouterConfig` (or a kind name) describes."""
     c = RouterConfig.coerce(config)
     if c.kind == "softmax":
-        return TopKRouter(d_model, num_experts, k, norm_topk_prob=c.norm_topk_prob, jitter_noise=c.jitter_noise)
+        return TopKRouter(d_model, num_experts, k, norm_topk_prob=c.norm_topk_prob,
+                          bias_update_rate=c.bias_update_rate or 0.0, jitter_noise=c.jitter_noise)
     if c.kind == "noisy":
         return NoisyTopKRouter(d_model, num_experts, k, jitter_noise=c.jitter_noise)
     if c.kind == "sigmoid":
         norm = True if c.norm_topk_prob is None else c.norm_topk_prob
         return SigmoidRouter(d_model, num_experts, k, n_group=c.n_group, topk_group=c.topk_group,
                              routed_scaling_factor=c.routed_scaling_factor, norm_topk_prob=norm,
-                             bias_update_rate=c.bias_update_rate, jitter_noise=c.jitter_noise)
+                             bias_update_rate=1e-3 if c.bias_update_rate is None else c.bias_update_rate,
+                             jitter_noise=c.jitter_noise)
     return ExpertChoiceRouter(d_model, num_experts, k, capacity_factor=c.capacity_factor,
                               jitter_noise=c.jitter_noise)

@@ -138,24 +138,43 @@ def _check_logits(logits, k: int | None = None) -> torch.Tensor:
     return router_float(logits)
 
 
-def softmax_topk(logits: torch.Tensor, k: int, *, norm_topk_prob: bool) -> Routing:
+def _check_bias(expert_bias, num_experts: int) -> torch.Tensor:
+    """``expert_bias`` as a float32 (float64) ``[E]`` tensor, or a ValueError naming it."""
+    if not isinstance(expert_bias, torch.Tensor) or expert_bias.shape != (num_experts,):
+        shape = tuple(getattr(expert_bias, "shape", ()))
+        raise ValueError(f"expert_bias must be a [E] = [{num_experts}] tensor, got {shape}")
+    return router_float(expert_bias)
+
+
+def softmax_topk(logits: torch.Tensor, k: int, *, norm_topk_prob: bool,
+                 expert_bias: torch.Tensor | None = None) -> Routing:
     """Softmax over the experts, keep the ``k`` most probable.
 
     The weight of a kept expert is its probability ``p_i`` (Switch with ``k=1``; Qwen-MoE and OLMoE with
     ``norm_topk_prob=False``), or ``p_i / sum of the k kept p`` with ``norm_topk_prob`` (GShard; Mixtral).
     Renormalising with ``k=1`` would make every weight 1 and give the router no gradient from the LM loss.
 
+    With ``expert_bias`` ``b``, the ``k`` experts are those with the largest ``p_i + b_i`` (the
+    auxiliary-loss-free bias of :func:`sigmoid_grouped_topk`, on softmax scores), and their weights are still
+    the unbiased ``p_i``: the bias steers *which* experts are chosen, never the output.
+
     Args:
         logits: ``[T, E]`` floating point; computed on in float32.
         k: experts per token, ``1 <= k <= E``.
         norm_topk_prob: renormalise the kept weights to sum to 1.
+        expert_bias: ``[E]`` selection-only bias, or ``None`` (plain top-k).
 
     Returns:
-        The :class:`Routing`; ``expert_indices`` in decreasing order of probability.
+        The :class:`Routing`; ``expert_indices`` in decreasing order of (biased) selection score.
     """
     logits = _check_logits(logits, k)
     probs = logits.softmax(dim=-1)
-    weights, expert_indices = probs.topk(k, dim=-1)
+    if expert_bias is None:
+        weights, expert_indices = probs.topk(k, dim=-1)
+    else:
+        selection = probs.detach() + _check_bias(expert_bias, logits.shape[1]).to(probs.dtype)
+        expert_indices = selection.topk(k, dim=-1).indices
+        weights = probs.gather(1, expert_indices)
     if norm_topk_prob:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return Routing(expert_indices, weights, logits, probs, probs,
@@ -228,9 +247,7 @@ def sigmoid_grouped_topk(logits: torch.Tensor, k: int, *, expert_bias: torch.Ten
     scores = logits.sigmoid()
     selection = scores.detach()
     if expert_bias is not None:
-        if not isinstance(expert_bias, torch.Tensor) or expert_bias.shape != (E,):
-            raise ValueError(f"expert_bias must be a [E] = [{E}] tensor, got {tuple(getattr(expert_bias, 'shape', ()))}")
-        selection = selection + router_float(expert_bias).to(scores.dtype)
+        selection = selection + _check_bias(expert_bias, E).to(scores.dtype)
     if n_group > 1:
         per_group = E // n_group
         grouped = selection.view(T, n_group, per_group)

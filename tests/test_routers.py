@@ -230,3 +230,45 @@ def test_bad_router_name_and_type():
         make_router(3, 8, 4, 2)
     with pytest.raises(ValueError, match=r"x must be \[T, d_model\]"):
         TopKRouter(8, 4, 2)(torch.randn(2, 3, 8))
+
+
+def test_softmax_router_with_bias_selects_with_it_and_weights_without_it():
+    """Hand-computed: the bias holds expert 1 back; the weights are the unbiased probabilities."""
+    router = make_router(RouterConfig("softmax", bias_update_rate=0.1), 4, 4, 2)
+    assert type(router) is TopKRouter and router.has_bias and router.bias_update_rate == 0.1
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    probs = logits.softmax(-1)  # [0.644, 0.237, 0.087, 0.032]
+    with torch.no_grad():
+        router.expert_bias.copy_(torch.tensor([0.0, -1.0, 0.0, 0.0]))
+    routing = router.route(logits, None)
+    assert routing.expert_indices.tolist() == [[0, 2]]
+    torch.testing.assert_close(routing.combine_weights, probs[:, [0, 2]] / probs[:, [0, 2]].sum())
+    torch.testing.assert_close(routing.router_probs, probs)  # the statistics see no bias either
+    router.record_load(torch.tensor([5, 0, 1, 2]))
+    router.update_bias()  # mean load 2: busy experts down, idle up, by the rate
+    torch.testing.assert_close(router.expert_bias, torch.tensor([-0.1, -0.9, 0.1, 0.0]))
+
+
+def test_softmax_router_bias_is_opt_in():
+    plain = make_router("softmax", 4, 4, 2)
+    assert not plain.has_bias and "expert_bias" not in plain.state_dict()
+    plain.record_load(torch.tensor([4, 0, 0, 0]))
+    plain.update_bias()  # no-ops without a bias
+    biased = TopKRouter(4, 4, 2, bias_update_rate=0.01)
+    assert set(biased.state_dict()) == {"gate.weight", "expert_bias", "load_since_update"}
+    # a zero bias selects exactly as plain top-k does
+    biased.load_state_dict({**plain.state_dict(), "expert_bias": torch.zeros(4),
+                            "load_since_update": torch.zeros(4, dtype=torch.int64)})
+    x = torch.randn(64, 4)
+    a, b = plain(x), biased(x)
+    assert torch.equal(a.expert_indices.sort(-1).values, b.expert_indices.sort(-1).values)
+    torch.testing.assert_close(a.combine_weights.sort(-1).values, b.combine_weights.sort(-1).values)
+
+
+def test_bias_update_rate_defaults_per_kind():
+    assert make_router("sigmoid", 8, 4, 2).bias_update_rate == 1e-3  # DeepSeek-V3's step
+    assert not make_router("softmax", 8, 4, 2).has_bias
+    with pytest.raises(ValueError, match="bias_update_rate applies only to router kinds"):
+        RouterConfig("expert_choice", bias_update_rate=0.1)
+    with pytest.raises(ValueError, match="bias_update_rate"):
+        RouterConfig("softmax", bias_update_rate=-1.0)

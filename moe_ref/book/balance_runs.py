@@ -35,8 +35,7 @@ import torch
 
 from ..losses import AuxLossConfig
 from ..moe import MoE
-from ..routers import RouterConfig, SigmoidRouter
-from ..routing import Routing, count_per_expert
+from ..routers import RouterConfig
 from .data import Corpus, build_corpus
 from .model import ModelConfig, TinyTransformer
 from .train import History, TrainConfig, train
@@ -92,51 +91,18 @@ SCHEMES = {
 """The grid, by key (``gating:method``)."""
 
 
-class SoftmaxBiasRouter(SigmoidRouter):
-    """Softmax top-k with the auxiliary-loss-free bias (moe_ref has it for sigmoid).
-
-    Selection ranks ``p + b``, the softmax probabilities plus the bias; the weights
-    are the chosen experts' unbiased ``p``, renormalised. The bias and its update
-    after each optimizer step are the sigmoid router's (``update_bias``).
-    """
-
-    def route(self, logits, token_mask):
-        probs = logits.softmax(dim=-1)
-        selection = probs.detach() + self.expert_bias  # the bias only picks experts
-        expert_indices = selection.topk(self.k, dim=-1).indices
-        weights = probs.gather(1, expert_indices)
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-        counts = count_per_expert(expert_indices, self.num_experts)
-        routing = Routing(expert_indices, weights, logits, probs, probs,
-                          tokens_per_expert=counts)
-        return routing.with_token_mask(token_mask)
-
-    def extra_repr(self) -> str:
-        return (f"d_model={self.d_model}, num_experts={self.num_experts}, k={self.k}, "
-                f"bias_update_rate={self.bias_update_rate}")
-
-
 def make_model(key: str, seed: int, model_config: ModelConfig = MODEL) -> TinyTransformer:
     """The model of scheme ``key`` (a key of :data:`SCHEMES`), initialised from ``seed``.
 
-    All schemes of one seed get the same initial weights: the router modules have the same parameters, and
-    the softmax-with-bias router is swapped in without drawing random numbers.
+    All schemes of one seed get the same initial weights: every router has the same gate, and the bias
+    buffers of the schemes with a bias start at zero without drawing random numbers.
     """
     scheme = SCHEMES[key]
-    if scheme.gating == "sigmoid":
-        router = RouterConfig("sigmoid", bias_update_rate=scheme.bias_rate)
-    else:
-        router = RouterConfig("softmax")
+    router = RouterConfig(scheme.gating, bias_update_rate=scheme.bias_rate)
     losses = AuxLossConfig(balance_coef=scheme.balance_coef, z_coef=scheme.z_coef)
 
     def moe(layer: int) -> MoE:
-        layer_moe = MoE(model_config.d_model, D_EXPERT, E, K, init_std=0.02, router=router,
-                        aux_losses=losses)
-        if scheme.gating == "softmax" and scheme.bias_rate > 0:
-            with torch.random.fork_rng(devices=[]):   # keep the random stream of the other schemes
-                layer_moe.router = SoftmaxBiasRouter(model_config.d_model, E, K,
-                                                     bias_update_rate=scheme.bias_rate)
-        return layer_moe
+        return MoE(model_config.d_model, D_EXPERT, E, K, init_std=0.02, router=router, aux_losses=losses)
 
     torch.manual_seed(seed)
     return TinyTransformer(model_config, ffn_factory=moe)
