@@ -20,10 +20,7 @@ the thread count, the date and the wall time.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import re
 import subprocess
 import sys
@@ -36,6 +33,7 @@ import torch
 from ..losses import AuxLossConfig
 from ..moe import MoE
 from ..routers import RouterConfig
+from .bench import environment
 from .data import Corpus, build_corpus
 from .model import ModelConfig, TinyTransformer
 from .train import History, TrainConfig, train
@@ -180,28 +178,14 @@ def _git_commit() -> str | None:
     return commit + ("+uncommitted changes" if dirty else "")
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def provenance(argv: list[str], seconds: float, device: str) -> dict:
-    """Where and how a results file was made."""
+    """Where and how a results file was made: the command, the commit, and the benchmarks' environment
+    record (:func:`moe_ref.book.bench.environment`: versions, CPU, threads, load average, date)."""
     return {
         "command": " ".join(["python -m moe_ref.book.balance_runs", *argv]),
         "git_commit": _git_commit(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "cpu": _cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
+        **environment(),
         "device": device,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "wall_seconds": round(seconds, 1),
     }
 

@@ -18,6 +18,7 @@ In a notebook::
 from __future__ import annotations
 
 import html
+import re
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -29,6 +30,7 @@ FONT_SIZE = 11
 """Base font size in points; tick and legend labels are one point smaller, never under 10."""
 
 GLUE_PREFIX = "application/papermill.record/"  # the mime prefix myst-nb reads glued values from
+_NUMBER = re.compile(r"[+\-−]?[\d,]*\.?\d+(e[+-]?\d+)?[%×]?")  # what a table right-aligns
 
 
 def style() -> None:
@@ -121,8 +123,8 @@ class Table:
 
     @staticmethod
     def _numeric(text: str) -> bool:
-        return text.replace(",", "").replace("%", "").replace("×", "").strip().lstrip("+-−").replace(
-            ".", "", 1).replace("e-", "").replace("e+", "").isdigit()
+        """Whether a cell reads as a number ("1,192", "-0.5", "10.7%", "2.0e-03", "1.5×"): right-aligned."""
+        return _NUMBER.fullmatch(text.strip()) is not None
 
     def __repr__(self) -> str:
         widths = [max(len(c), *(len(r[j]) for r in self.cells)) if self.cells else len(c)
