@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import html
 import re
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -153,17 +154,29 @@ def table(rows, columns, formats=None, caption=None) -> Table:
 
 
 class Progress:
-    """A progress line that updates in place in Jupyter and leaves one final line behind.
+    """A progress line with an ETA that updates in place and leaves one final line behind.
 
     In Jupyter it is a display that is rewritten at most every ``every`` seconds, so a saved notebook, and
-    the book rendered from it, keeps only the last state; elsewhere it prints only the final line.
+    the book rendered from it, keeps only the last state. In a terminal (``stream`` is a TTY) it rewrites
+    one line with ``\\r``; elsewhere (a log file, a pipe) it prints only the final line.
+
+    Args:
+        total: the number of units (``unit``: "steps" by default) the work has.
+        desc: what is running, printed first.
+        every: seconds between redraws.
+        enabled: ``False`` shows nothing.
+        unit: the name of a unit.
+        stream: where a terminal line goes (default ``sys.stderr``).
     """
 
-    def __init__(self, total: int, desc: str = "", every: float = 0.5, enabled: bool = True):
-        self.total, self.desc, self.every = total, desc, every
+    def __init__(self, total: int, desc: str = "", every: float = 0.5, enabled: bool = True,
+                 unit: str = "steps", stream=None):
+        self.total, self.desc, self.every, self.unit = total, desc, every, unit
         self.enabled = enabled
         self.count, self.start, self._shown, self.postfix = 0, time.perf_counter(), 0.0, ""
         self._handle = None
+        self._stream = sys.stderr if stream is None else stream
+        self._terminal = enabled and not _in_jupyter() and getattr(self._stream, "isatty", lambda: False)()
         if enabled and _in_jupyter():
             from IPython.display import display
 
@@ -172,21 +185,54 @@ class Progress:
     def _line(self) -> str:
         elapsed = time.perf_counter() - self.start
         extra = f", {self.postfix}" if self.postfix else ""
-        return f"{self.desc}: {self.count}/{self.total} steps, {elapsed:.1f} s{extra}"
+        eta = ""
+        if 0 < self.count < self.total:
+            eta = f", ETA {_duration(elapsed / self.count * (self.total - self.count))}"
+        return f"{self.desc}: {self.count}/{self.total} {self.unit}, {_duration(elapsed)}{eta}{extra}"
 
     def update(self, n: int = 1, postfix: str | None = None) -> None:
         self.count += n
         if postfix is not None:
             self.postfix = postfix
         now = time.perf_counter()
-        if self._handle is not None and now - self._shown >= self.every:
+        if now - self._shown < self.every:
+            return
+        if self._handle is not None:
             self._handle.update({"text/plain": self._line()}, raw=True)
-            self._shown = now
+        elif self._terminal:
+            self._stream.write("\r\033[K" + self._line())
+            self._stream.flush()
+        self._shown = now
+
+    def write(self, text: str) -> None:
+        """Print ``text`` as its own line, above the live progress line (when enabled)."""
+        if not self.enabled:
+            return
+        if self._terminal:
+            self._stream.write("\r\033[K")
+        print(text, flush=True)
+        if self._terminal:
+            self._stream.write(self._line())
+            self._stream.flush()
 
     def close(self) -> None:
         if not self.enabled:
             return
         if self._handle is not None:
             self._handle.update({"text/plain": self._line()}, raw=True)
+        elif self._terminal:
+            self._stream.write("\r\033[K" + self._line() + "\n")
+            self._stream.flush()
         else:
             print(self._line())
+
+
+def _duration(seconds: float) -> str:
+    """``12.3 s`` under a minute, ``4 min 05 s`` under an hour, else ``1 h 02 min``."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"

@@ -87,6 +87,8 @@ class History:
         val_step: steps after which the validation split was evaluated.
         val_loss: mean validation loss over domains at each ``val_step``.
         val_loss_by_domain: ``{domain: [loss at each val_step]}``.
+        val_seconds: training time up to each ``val_step``: wall-clock seconds spent in the steps
+            themselves, without the evaluations and the callback (for loss-against-time curves).
         seconds: wall-clock time of the whole run.
     """
 
@@ -97,6 +99,7 @@ class History:
     val_step: list = field(default_factory=list)
     val_loss: list = field(default_factory=list)
     val_loss_by_domain: dict = field(default_factory=dict)
+    val_seconds: list = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -170,9 +173,11 @@ def train(model: nn.Module, corpus: Corpus, config: TrainConfig | None = None, *
     history = History(val_loss_by_domain={d: [] for d in corpus.domains})
     hooks = [m for m in model.modules() if callable(getattr(m, "after_optimizer_step", None))]
     t0 = time.perf_counter()
+    step_seconds = 0.0
     model.train()
     bar = Progress(config.steps, desc="train", enabled=progress)
     for step in range(config.steps):
+        step_start = time.perf_counter()
         lr = config.lr_at(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -191,12 +196,14 @@ def train(model: nn.Module, corpus: Corpus, config: TrainConfig | None = None, *
         history.loss.append(loss.item())
         history.aux_loss.append(0.0 if extra is None else extra.item())
         history.lr.append(lr)
+        step_seconds += time.perf_counter() - step_start
         if callback is not None:
             callback(step, model, x, labels)
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
             by_domain = evaluate(model, corpus, batches=config.eval_batches, batch_size=config.batch_size,
                                  block_size=block_size)
             history.val_step.append(step)
+            history.val_seconds.append(step_seconds)
             history.val_loss.append(sum(by_domain.values()) / len(by_domain))
             for d, v in by_domain.items():
                 history.val_loss_by_domain[d].append(v)
