@@ -20,8 +20,6 @@ rerun with the same options after an interruption, resumes from there. ``--scale
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -32,7 +30,7 @@ from ..book.data import build_corpus
 from ..book.page import Progress
 from . import sweeps, upcycle
 from .arms import MODEL, PROBE, TRAIN, encode_tokens, probe_batch, run_arm
-from .results import SCHEMA, Partial, ResultsError, dumps, load, provenance
+from .results import SCHEMA, Partial, ResultsError, dumps, git_commit, load, provenance
 
 EXPERIMENTS = {"experts": sweeps.EXPERTS, "variants": sweeps.VARIANTS, "upcycling": upcycle.ARMS}
 """The experiments by name, each with its arms."""
@@ -73,6 +71,7 @@ def run(name: str, out, *, seeds: int = 3, scale: float = 1.0, arms: list | None
     out = Path(out)
     partial = Partial(out, config)
     t0 = time.perf_counter()
+    commit = git_commit()  # now: the code that computes, not whatever the tree holds at the end
     corpus = build_corpus(bytes_per_domain=config["bytes_per_domain"])
     probe, probe_domains = probe_batch(corpus, PROBE["sequences_per_domain"], MODEL.block_size,
                                        PROBE["seed"])
@@ -90,7 +89,7 @@ def run(name: str, out, *, seeds: int = 3, scale: float = 1.0, arms: list | None
     result = {
         "schema": SCHEMA, "experiment": name,
         "provenance": provenance(command or f"python -m moe_ref.experiments {name} --out {out}",
-                                 time.perf_counter() - t0, device),
+                                 time.perf_counter() - t0, device, commit),
         "settings": config,
         "probe": {"tokens": encode_tokens(probe), "domains": probe_domains.tolist(),
                   "domain_names": list(corpus.domains)},

@@ -59,13 +59,14 @@ def device_name(device: str) -> str:
     return environment()["cpu"]
 
 
-def provenance(command: str, seconds: float, device: str) -> dict:
-    """Where and how a results file was made: ``command``, the commit, the benchmarks' environment record
-    (:func:`moe_ref.book.bench.environment`: versions, CPU, threads, load average, date), the device and
-    its name, and the wall time."""
+def provenance(command: str, seconds: float, device: str, commit: str | None = None) -> dict:
+    """Where and how a results file was made: ``command``, the commit (``commit``, read when the run
+    started, else now), the benchmarks' environment record (:func:`moe_ref.book.bench.environment`:
+    versions, CPU, threads, load average, date), the device and its name, and the wall time."""
     from ..book.bench import environment
 
-    return {"command": command, "git_commit": git_commit(), **environment(), "device": device,
+    commit = git_commit() if commit is None else commit
+    return {"command": command, "git_commit": commit, **environment(), "device": device,
             "device_name": device_name(device), "wall_seconds": round(seconds, 1)}
 
 
