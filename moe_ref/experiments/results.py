@@ -37,13 +37,13 @@ class ResultsError(ValueError):
 
 
 def git_commit() -> str | None:
-    """The checkout's commit, with ``+uncommitted changes`` if tracked files differ from it; ``None``
-    outside a git checkout."""
+    """The checkout's commit, with ``+uncommitted changes`` if the package's tracked files (``moe_ref/``,
+    the code that computes the numbers) differ from it; ``None`` outside a git checkout."""
     root = Path(__file__).resolve().parents[2]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                                 text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "moe_ref"], cwd=root,
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
