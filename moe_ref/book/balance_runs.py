@@ -20,9 +20,6 @@ the thread count, the date and the wall time.
 from __future__ import annotations
 
 import argparse
-import json
-import re
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -33,7 +30,7 @@ import torch
 from ..losses import AuxLossConfig
 from ..moe import MoE
 from ..routers import RouterConfig
-from .bench import environment
+from ..experiments import results
 from .data import Corpus, build_corpus
 from .model import ModelConfig, TinyTransformer
 from .train import History, TrainConfig, train
@@ -166,28 +163,9 @@ def window_sums(load: torch.Tensor, width: int) -> torch.Tensor:
     return torch.stack([w.sum(0) for w in load.split(width)])
 
 
-def _git_commit() -> str | None:
-    root = Path(__file__).resolve().parents[2]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return commit + ("+uncommitted changes" if dirty else "")
-
-
 def provenance(argv: list[str], seconds: float, device: str) -> dict:
-    """Where and how a results file was made: the command, the commit, and the benchmarks' environment
-    record (:func:`moe_ref.book.bench.environment`: versions, CPU, threads, load average, date)."""
-    return {
-        "command": " ".join(["python -m moe_ref.book.balance_runs", *argv]),
-        "git_commit": _git_commit(),
-        **environment(),
-        "device": device,
-        "wall_seconds": round(seconds, 1),
-    }
+    """Where and how a results file was made (:func:`moe_ref.experiments.results.provenance`)."""
+    return results.provenance(" ".join(["python -m moe_ref.book.balance_runs", *argv]), seconds, device)
 
 
 def run_grid(keys, seeds, steps: int, corpus: Corpus, device: str = "cpu", log=print) -> list[dict]:
@@ -209,13 +187,6 @@ def run_grid(keys, seeds, steps: int, corpus: Corpus, device: str = "cpu", log=p
             log(f"{key:14s} seed {seed}: val loss {records[-1]['val_loss']:.4f}, "
                 f"{records[-1]['seconds']:.1f} s")
     return records
-
-
-def dumps(result: dict) -> str:
-    """``result`` as indented JSON whose innermost lists of numbers stay on one line."""
-    text = json.dumps(result, indent=1)
-    return re.sub(r"\[\s+([-+.\deE,\s]+?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]",
-                  text) + "\n"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -249,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
         "runs": records,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(dumps(result))
+    args.out.write_text(results.dumps(result))
     print(f"wrote {args.out} ({len(records)} runs, {result['provenance']['wall_seconds']} s)")
     return result
 
