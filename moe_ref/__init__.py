@@ -14,9 +14,11 @@ One small module per idea; :class:`~moe_ref.moe.MoE` only composes them:
   fixed-size buffers, GShard's einsum and the index form.
 * :mod:`~moe_ref.shared` (chapter 2): shared experts and the residual MoE; :mod:`~moe_ref.moe`: the layer.
 * :mod:`~moe_ref.kernels` (chapters 5, 6): ``grouped_mm`` and its Triton backend.
+* :mod:`~moe_ref.upcycling` (chapter 7): an MoE made of copies of a trained dense FFN;
+  :mod:`~moe_ref.specialization` (chapter 8): what routing follows, measured on recorded routings.
 * :mod:`~moe_ref.hf`: an equivalent :class:`~moe_ref.moe.MoE` from a ``transformers`` MoE block.
 * :mod:`moe_ref.book`: what the notebooks need beside the library (data, tiny model, trainer, settings,
-  benchmarks).
+  benchmarks); :mod:`moe_ref.experiments`: the full-scale experiments of chapters 7 and 8.
 """
 
 from .activations import ACTIVATIONS, GATED
@@ -33,6 +35,7 @@ from .moe import IMPLS, MoE
 from .shared import ResidualConfig, SharedExpertConfig
 from .routers import (ROUTERS, ExpertChoiceRouter, NoisyTopKRouter, Router, RouterConfig, SigmoidRouter,
                       TopKRouter, make_router)
+from .upcycling import upcycle
 from .routing import (Routing, expert_choice, expert_choice_capacity, noisy_logits, sigmoid_grouped_topk,
                       softmax_topk)
 
@@ -57,5 +60,5 @@ __all__ = [
     "CapacityConfig", "CapacityRecord", "expert_capacity", "queue_positions", "apply_capacity",
     "CAPACITY_GROUPS", "DROP_PRIORITIES",
     "DispatchPlan", "sort_by_expert", "permute", "combine",
-    "grouped_mm", "from_hf",
+    "grouped_mm", "from_hf", "upcycle",
 ]

@@ -6,12 +6,11 @@ label. All inputs are integer tensors (any integer dtype; Python lists are conve
 ``torch.as_tensor``), all ids are non-negative, and every result is a Python ``float``. The work is done in
 float64 on the CPU, so results do not depend on the device the routing was recorded on.
 
-Two papers frame the questions. Mixtral (Jiang et al. 2024, section 5, "Routing analysis") finds no clear
+Two papers frame the questions. Mixtral (:cite:t:`jiang2024mixtral`, section 5, "Routing analysis") finds no clear
 assignment of experts to topics or domains, but a strong dependence on syntax and on the token itself, and
-reports that consecutive tokens are assigned the same expert more often than chance. OpenMoE (Xue et al.
-2024) calls the same finding "context-independent specialization": routing follows token identity (the
+reports that consecutive tokens are assigned the same expert more often than chance. OpenMoE
+(:cite:t:`xue2024openmoe`) calls the same finding "context-independent specialization": routing follows token identity (the
 same token goes to the same experts whatever its context), and it is settled early in pre-training.
-BibTeX keys: ``jiang2024mixtral``, ``xue2024openmoe``.
 
 The measures:
 

@@ -1,6 +1,7 @@
 """moe_ref.book.page: the notebooks' display helpers, checked against hand-written expectations."""
 
 import importlib.util
+import io
 import re
 import sys
 from pathlib import Path
@@ -93,6 +94,33 @@ def test_progress_leaves_one_final_line_outside_ipython(capsys):
     quiet.update()
     quiet.close()
     assert capsys.readouterr().out == ""
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_in_a_terminal_shows_eta_and_rewrites_one_line(monkeypatch, capsys):
+    now = [0.0]
+    monkeypatch.setattr(page.time, "perf_counter", lambda: now[0])
+    stream = _Terminal()
+    bar = page.Progress(4, desc="experts", every=0.0, stream=stream)
+    now[0] = 10.0
+    bar.update()                      # 1 of 4 done after 10 s: 30 s to go
+    bar.write("seed 0 done")
+    now[0] = 50.0
+    bar.update(3)
+    bar.close()
+    text = stream.getvalue()
+    assert "\r\033[Kexperts: 1/4 steps, 10.0 s, ETA 30.0 s" in text
+    assert text.endswith("experts: 4/4 steps, 50.0 s\n")  # no ETA once done
+    assert capsys.readouterr().out == "seed 0 done\n"
+
+
+@pytest.mark.parametrize("seconds,text", [(5.04, "5.0 s"), (65, "1 min 05 s"), (3725, "1 h 02 min")])
+def test_durations(seconds, text):
+    assert page._duration(seconds) == text
 
 
 def _load_check_site():
