@@ -104,7 +104,28 @@ def test_resume_after_interruption(tmp_path, monkeypatch):
     # a partial file written for other settings is refused, naming the file
     experiments.results.Partial(out, settings("experts", 1, 0.002, ["dense"])).add("x", [])
     with pytest.raises(ResultsError, match=f"{partial}.*other settings"):
-        experiments.results.Partial(out, settings("experts", 2, 0.002, ["dense"]))
+        experiments.results.Partial(out, settings("experts", 1, 0.004, ["dense"]))
+
+
+def test_more_seeds_reuse_the_file(toy_results, tmp_path, monkeypatch):
+    out = tmp_path / "grow.json"
+    first = run("experts", out, arms=["dense"], **TOY)
+    real, calls = experiments._run_unit, []
+
+    def counting(name, key, *args):
+        calls.append(key)
+        return real(name, key, *args)
+
+    monkeypatch.setattr(experiments, "_run_unit", counting)
+    grown = run("experts", out, arms=["dense"], **{**TOY, "seeds": 2})
+    assert calls == ["dense/seed=1"]
+    assert grown["runs"][0] == first["runs"][0] and grown["settings"]["seeds"] == [0, 1]
+    assert grown["provenance"]["extends"] == first["provenance"]
+    load_results(out, "experts")
+    # other settings than the file's: nothing is reused, the file is rewritten
+    calls.clear()
+    run("experts", out, arms=["dense"], **{**TOY, "scale": 0.003})
+    assert calls == ["dense/seed=0"]
 
 
 def test_cut_line_is_ignored(tmp_path):

@@ -20,6 +20,7 @@ rerun with the same options after an interruption, resumes from there. ``--scale
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -66,10 +67,20 @@ def settings(name: str, seeds: int = 3, scale: float = 1.0, arms: list | None = 
 
 def run(name: str, out, *, seeds: int = 3, scale: float = 1.0, arms: list | None = None,
         device: str = "cpu", command: str | None = None, progress: bool = True, log=print) -> dict:
-    """Run experiment ``name`` (resuming from ``<out>.partial.jsonl``), write ``out``, return the result."""
+    """Run experiment ``name``, write ``out``, return the result.
+
+    Finished units are taken from ``<out>.partial.jsonl`` (an interrupted run) and from ``out`` itself when
+    it holds the same experiment with the same settings but fewer seeds: rerunning with more ``seeds``
+    trains only the new ones. The provenance of such an earlier file is kept under ``"extends"``.
+    """
     config = settings(name, seeds, scale, arms)
     out = Path(out)
     partial = Partial(out, config)
+    earlier = _earlier(out, name, config)
+    if earlier is not None:
+        for key, records in _units_of(name, earlier["runs"]).items():
+            if key in _units(name, config) and key not in partial.done:
+                partial.add(key, records)
     t0 = time.perf_counter()
     commit = git_commit()  # now: the code that computes, not whatever the tree holds at the end
     corpus = build_corpus(bytes_per_domain=config["bytes_per_domain"])
@@ -95,6 +106,8 @@ def run(name: str, out, *, seeds: int = 3, scale: float = 1.0, arms: list | None
                   "domain_names": list(corpus.domains)},
         "runs": runs,
     }
+    if earlier is not None:
+        result["provenance"]["extends"] = earlier["provenance"]
     if name == "upcycling":
         result["steps"] = upcycle.added_steps(train)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -102,6 +115,34 @@ def run(name: str, out, *, seeds: int = 3, scale: float = 1.0, arms: list | None
     partial.remove()
     log(f"wrote {out} ({len(runs)} runs)")
     return result
+
+
+def _without_seeds(config: dict) -> dict:
+    return {key: value for key, value in config.items() if key != "seeds"}
+
+
+def _earlier(out: Path, name: str, config: dict) -> dict | None:
+    """The results file already at ``out`` if it holds this experiment with these settings but other
+    seeds (which can be reused), else ``None``. A file that cannot be read is left alone (and overwritten)."""
+    if not out.exists():
+        return None
+    try:
+        earlier = load(out, name, run_keys=RUN_KEYS)
+    except ResultsError:
+        return None
+    if json.dumps(_without_seeds(earlier["settings"]), sort_keys=True) != json.dumps(
+            _without_seeds(config), sort_keys=True):
+        return None
+    return earlier
+
+
+def _units_of(name: str, runs: list) -> dict:
+    """Group the run records of a results file by unit key (as :func:`_units` names them)."""
+    units = {}
+    for record in runs:
+        key = f"seed={record['seed']}" if name == "upcycling" else f"{record['arm']}/seed={record['seed']}"
+        units.setdefault(key, []).append(record)
+    return units
 
 
 def _units(name: str, config: dict) -> dict:

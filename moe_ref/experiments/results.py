@@ -180,7 +180,8 @@ class Partial:
 
     def __init__(self, out: Path, settings: dict):
         self.path = Path(str(out) + ".partial.jsonl")
-        self.fingerprint = fingerprint(settings)
+        # units are keyed by seed, so a run with more seeds can reuse those of a run with fewer
+        self.fingerprint = fingerprint({k: v for k, v in settings.items() if k != "seeds"})
         self.done: dict[str, list] = {}
         if self.path.exists():
             lines = self.path.read_text().splitlines()
