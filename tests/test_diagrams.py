@@ -138,3 +138,15 @@ def test_save_all(tmp_path):
     for p in paths:
         assert p.read_text().lstrip().startswith("<?xml")
     plt.close("all")
+
+
+def test_expert_cuts_active_over_total():
+    import matplotlib.pyplot as plt
+
+    fig = diagrams.expert_cuts((("a", 8, 128, 2, 0), ("b", 31, 32, 7, 1)))
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert "256 / 1024" in texts and texts.count("256 / 1024") == 2
+    plt.close(fig)
+    for bad in [(), (("a", 4, 32, 5, 0),), (("a", 0, 32, 1, 0),), (("a", 4, 32),)]:
+        with pytest.raises(ValueError, match="rows"):
+            diagrams.expert_cuts(bad)

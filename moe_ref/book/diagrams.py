@@ -9,7 +9,9 @@ boxes, :class:`~matplotlib.patches.FancyArrowPatch` arrows) on one axes without 
 * :func:`data_path`: the tensors of the sort-based (dropless) MoE layer, with their shapes and a small
   worked example, from ``x`` ``[T, d]`` to ``y`` ``[T, d]``;
 * :func:`capacity_drops`: expert capacity, the slots each expert keeps and the assignments it drops;
-* :func:`gemm_tile_schedule`: the tile schedule of the Triton grouped-matmul kernel of chapter 6.
+* :func:`gemm_tile_schedule`: the tile schedule of the Triton grouped-matmul kernel of chapter 6;
+* :func:`expert_cuts`: the same hidden units cut into experts in different ways, and the units one token
+  passes through (chapter 7).
 
 Style, shared by all of them: at most 6.4 inches wide (the book's text column), at most two panels side by
 side, text of 10 or 11 points, one colour per expert (:data:`EXPERT_COLORS`, the same expert has the same
@@ -33,7 +35,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Circle, FancyArrowPatch, FancyBboxPatch, Patch, Polygon, Rectangle
 
 __all__ = ["EXPERT_COLORS", "expert_color", "moe_block", "data_path", "capacity_drops", "gemm_tile_schedule", "GemmTile",
-           "gemm_row_tiles", "gemm_launch_row_tiles", "DIAGRAMS", "save_all"]
+           "gemm_row_tiles", "gemm_launch_row_tiles", "expert_cuts", "CUTS", "DIAGRAMS",
+           "save_all"]
 
 #: One colour per expert, reused by every diagram (expert ``e`` is ``EXPERT_COLORS[e % 8]``): calm,
 #: mid-saturation hues that stay apart from each other and from the red of dropped assignments.
@@ -669,6 +672,59 @@ def gemm_tile_schedule(group_sizes: tuple[int, ...] = (70, 20, 0, 45), block_m: 
     return fig
 
 
+# --- 5. ways to cut the same hidden units ------------------------------------------------------------------
+
+#: The rows of :func:`expert_cuts`: label, routed experts, width of each, experts per token, shared experts.
+CUTS = (("dense FFN", 1, 256, 1, 0),
+        ("dense, params of E=8", 1, 1024, 1, 0),
+        ("top-2 of 8", 8, 128, 2, 0),
+        ("top-1 of 4 (Switch)", 4, 256, 1, 0),
+        ("top-8 of 32 (fine)", 32, 32, 8, 0),
+        ("1 shared + top-7 of 31", 31, 32, 7, 1))
+
+
+def expert_cuts(rows: tuple = CUTS, *, seed: int = 3) -> Figure:
+    """Hidden units of one FFN slot cut into experts, and those one token passes through.
+
+    Each row is ``(label, num_experts, expert_width, k, shared)``: a bar whose length is proportional to the
+    slot's hidden units, cut into its experts; the ``k`` experts one token is routed to (drawn at random with
+    ``seed``) are filled in their colours, the others pale, a shared expert in grey. On the right, the token's
+    active hidden units over the slot's total: rows with the same active number cost the same FLOPs.
+    """
+    if not rows:
+        raise ValueError("rows must not be empty")
+    for row in rows:
+        if len(row) != 5 or not all(isinstance(v, int) and v >= 0 for v in row[1:]) or row[1] < 1 \
+                or row[2] < 1 or not 1 <= row[3] <= row[1]:
+            raise ValueError(f"each row must be (label, num_experts >= 1, expert_width >= 1, "
+                             f"1 <= k <= num_experts, shared >= 0), got {row!r}")
+    rng = np.random.default_rng(seed)
+    most = max((n + shared) * w for _, n, w, _, shared in rows)
+    label_w, right_w, row_h, gap = 1.95, 0.95, 0.26, 0.16
+    bar_w = WIDTH - label_w - right_w - 0.1
+    height = 0.45 + len(rows) * (row_h + gap)
+    fig, ax = _canvas(WIDTH, height)
+    _text(ax, label_w + bar_w / 2, height - 0.2, "hidden units of one FFN slot", size=FONT, color=GREY)
+    _text(ax, label_w + bar_w + 0.1 + right_w / 2, height - 0.2, "active / total", size=FONT, color=GREY)
+    unit = bar_w / most
+    for r, (label, n, w, k, shared) in enumerate(rows):
+        y = height - 0.45 - (r + 1) * (row_h + gap) + gap
+        _text(ax, label_w - 0.08, y + row_h / 2, label, ha="right")
+        x = label_w
+        for _ in range(shared):
+            _cell(ax, x, y, w * unit, row_h, fc=GREY, ec="white", lw=0.6)
+            x += w * unit
+        chosen = set(rng.choice(n, size=k, replace=False).tolist()) if n > 1 else {0}
+        for e in range(n):
+            color = INK if n == 1 else expert_color(e)
+            fill = _tint(color, 0.35 if n == 1 else 0.0) if e in chosen else _tint(color, 0.82)
+            _cell(ax, x, y, w * unit, row_h, fc=fill, ec="white", lw=0.6 if n > 8 else 1.0)
+            x += w * unit
+        _text(ax, label_w + bar_w + 0.1 + right_w / 2, y + row_h / 2,
+              f"{(k + shared) * w} / {(n + shared) * w}")
+    return fig
+
+
 # --- all of them ------------------------------------------------------------------------------------------
 
 #: Every diagram with its default arguments, by file name.
@@ -678,6 +734,7 @@ DIAGRAMS = {
     "data_path": data_path,
     "capacity_drops": capacity_drops,
     "gemm_tile_schedule": gemm_tile_schedule,
+    "expert_cuts": expert_cuts,
 }
 
 
