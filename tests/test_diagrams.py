@@ -148,5 +148,5 @@ def test_expert_cuts_active_over_total():
     assert "256 / 1024" in texts and texts.count("256 / 1024") == 2
     plt.close(fig)
     for bad in [(), (("a", 4, 32, 5, 0),), (("a", 0, 32, 1, 0),), (("a", 4, 32),)]:
-        with pytest.raises(ValueError, match="rows"):
+        with pytest.raises(ValueError, match="row"):
             diagrams.expert_cuts(bad)
