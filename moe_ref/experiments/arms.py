@@ -30,7 +30,7 @@ from ..book.train import TrainConfig, train
 
 MODEL = ModelConfig(vocab_size=256, block_size=64, d_model=64, n_layers=2, n_heads=4, d_hidden=256,
                     activation="relu")
-"""The experiments' model: chapter 1's tiny transformer at a size where many seeded runs fit a CPU."""
+"""The model of every experiment, chapter 1's tiny transformer at a size where many seeded runs fit a CPU."""
 
 TRAIN = dict(steps=1500, batch_size=32, lr=6e-3, warmup=50, eval_every=100, eval_batches=4)
 """The training budget of every run, before ``scale``: 1500 steps of 32 x 64 bytes (3.1M tokens)."""
@@ -39,7 +39,7 @@ BALANCE_COEF = 0.01
 """Weight of the auxiliary balance loss in every MoE arm (Switch's value, chapter 3)."""
 
 PROBE = dict(sequences_per_domain=32, seed=4321)
-"""The probe set: this many validation sequences of each domain, drawn with this seed."""
+"""The probe set, this many validation sequences of each domain, drawn with this seed."""
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 A results file is one JSON object::
 
-    {"schema": 1, "experiment": NAME, "provenance": {...}, "settings": {...}, "runs": [...], ...}
+    {"schema": 1, "experiment": NAME, "provenance": {...},
+     "settings": {...}, "runs": [...], ...}
 
 ``provenance`` says how the file was made (command, git commit, versions, CPU or GPU, threads, date, wall
 time); ``settings`` is everything that determines the numbers (model, training, seeds, arms), so that the
