@@ -9,8 +9,9 @@ float64 on the CPU, so results do not depend on the device the routing was recor
 Two papers frame the questions. Mixtral (:cite:t:`jiang2024mixtral`, section 5, "Routing analysis") finds no clear
 assignment of experts to topics or domains, but a strong dependence on syntax and on the token itself, and
 reports that consecutive tokens are assigned the same expert more often than chance. OpenMoE
-(:cite:t:`xue2024openmoe`) calls the same finding "context-independent specialization": routing follows token identity (the
-same token goes to the same experts whatever its context), and it is settled early in pre-training.
+(:cite:t:`xue2024openmoe`) calls the same finding "context-independent specialization": routing follows
+token identity (the same token goes to the same experts whatever its context), and it is settled early in
+pre-training.
 
 The measures:
 
@@ -24,9 +25,9 @@ The measures:
   ``sum_e p_e^2`` that independent routing with the same expert loads would give; optionally only over
   neighbours with different bytes, since equal bytes go to the same expert trivially when routing follows
   identity.
-* :func:`domain_specialization` -- how far each domain's expert distribution is from the pooled one (total
-  variation), raw and after controlling for the bytes the domain uses: the second is exactly 0 when the
-  expert is a function of the byte.
+* :func:`domain_specialization` (from :func:`domain_distributions`) -- how far each domain's expert
+  distribution is from the pooled one (total variation), raw and after controlling for the bytes the domain
+  uses: the second is exactly 0 when the expert is a function of the byte.
 * :func:`agreement` -- the fraction of positions where two routings pick the same expert (a checkpoint's
   routing against the final one shows when routing settles during training).
 """
@@ -229,27 +230,16 @@ def repeat_rate(experts, *, tokens=None) -> dict:
 
 # --- domains ------------------------------------------------------------------------------------------------
 
-def domain_specialization(experts, tokens, domains, num_experts: int, *, num_domains: int | None = None) -> dict:
-    """How differently domains use the experts, raw and after controlling for the tokens each domain uses.
+def domain_distributions(experts, tokens, domains, num_experts: int, *, num_domains: int | None = None):
+    """Each domain's expert distribution, observed and as predicted from its tokens alone.
 
-    Args:
-        experts: ``[N]`` integer tensor of expert ids in ``[0, num_experts)``.
-        tokens: ``[N]`` integer tensor of token ids (bytes).
-        domains: ``[N]`` integer tensor of domain labels in ``[0, num_domains)``.
-        num_experts: the number of experts ``E``.
-        num_domains: the number of domains ``D``; default ``max(domains) + 1``.
+    Args: as for :func:`domain_specialization`.
 
-    With ``P`` the empirical distributions over the ``N`` tokens and ``TV(p, q) = 1/2 sum_e |p_e - q_e|``:
-
-    * ``per_domain_raw[d] = TV(P(e | d), P(e))``, against the pooled expert marginal;
-    * ``per_domain_given_tokens[d] = TV(P(e | d), Q(e | d))`` with ``Q(e | d) = sum_b P(b | d) P(e | b)`` and
-      ``P(e | b)`` pooled over all domains: what domain ``d``'s routing would be if each token were routed like
-      the same token anywhere. It is exactly 0 (in exact arithmetic; here up to float64 rounding) when the
-      expert is a function of the token.
-    * ``raw`` and ``given_tokens``: the means of the per-domain lists over the domains that have tokens.
-
-    The lists are in label order ``0 .. D - 1``, with ``None`` for a label that has no tokens. Returns a dict
-    of floats and lists of floats.
+    Returns:
+        ``(p, q, counts)``: ``p[d, e] = P(e | d)`` and ``q[d, e] = Q(e | d) = sum_b P(b | d) P(e | b)`` with
+        ``P(e | b)`` pooled over all domains (what domain ``d``'s routing would be if each token were routed like
+        the same token anywhere), and ``counts[d, e]`` the tokens of domain ``d`` routed to ``e``; all
+        ``[D, E]`` float64. A domain without tokens has rows of zeros.
     """
     num_experts = _checks.positive_int("num_experts", num_experts)
     experts = _ids("experts", experts, dim=1)
@@ -277,14 +267,38 @@ def domain_specialization(experts, tokens, domains, num_experts: int, *, num_dom
     c_db = counts(domains, tok, D, V)           # tokens of domain d with token id b
     c_be = counts(tok, experts, V, E)           # tokens with id b routed to e, all domains
     n_d = c_de.sum(1)
-    p_e = c_de.sum(0) / len(experts)
     p_e_given_b = c_be / c_be.sum(1, keepdim=True)  # every compact id occurs, so no row is empty
-    present = n_d > 0
     n_safe = n_d.clamp(min=1).unsqueeze(1)
-    p_e_given_d = c_de / n_safe
     # Counts times P(e | b), then one division by n_d: when P(e | b) is one-hot this is the same integer count
     # divided by the same n_d as P(e | d), so the difference is exactly zero.
-    q_e_given_d = (c_db @ p_e_given_b) / n_safe
+    return c_de / n_safe, (c_db @ p_e_given_b) / n_safe, c_de
+
+
+def domain_specialization(experts, tokens, domains, num_experts: int, *, num_domains: int | None = None) -> dict:
+    """How differently domains use the experts, raw and after controlling for the tokens each domain uses.
+
+    Args:
+        experts: ``[N]`` integer tensor of expert ids in ``[0, num_experts)``.
+        tokens: ``[N]`` integer tensor of token ids (bytes).
+        domains: ``[N]`` integer tensor of domain labels in ``[0, num_domains)``.
+        num_experts: the number of experts ``E``.
+        num_domains: the number of domains ``D``; default ``max(domains) + 1``.
+
+    With ``P`` the empirical distributions over the ``N`` tokens and ``TV(p, q) = 1/2 sum_e |p_e - q_e|``:
+
+    * ``per_domain_raw[d] = TV(P(e | d), P(e))``, against the pooled expert marginal;
+    * ``per_domain_given_tokens[d] = TV(P(e | d), Q(e | d))`` with ``Q`` from :func:`domain_distributions`.
+      It is exactly 0 (in exact arithmetic; here up to float64 rounding) when the expert is a function of the
+      token.
+    * ``raw`` and ``given_tokens``: the means of the per-domain lists over the domains that have tokens.
+
+    The lists are in label order ``0 .. D - 1``, with ``None`` for a label that has no tokens. Returns a dict
+    of floats and lists of floats.
+    """
+    p_e_given_d, q_e_given_d, c_de = domain_distributions(experts, tokens, domains, num_experts,
+                                                          num_domains=num_domains)
+    present = c_de.sum(1) > 0
+    p_e = c_de.sum(0) / c_de.sum()
     raw = 0.5 * (p_e_given_d - p_e).abs().sum(1)
     given = 0.5 * (p_e_given_d - q_e_given_d).abs().sum(1)
     per_raw = [float(v) if ok else None for v, ok in zip(raw, present)]

@@ -66,6 +66,11 @@ class TrainConfig:
         if self.grad_clip is not None:
             _checks.finite_float("grad_clip", self.grad_clip, minimum=0.0, strict=True)
 
+    def evaluates_after(self, step: int) -> bool:
+        """Whether :func:`train` evaluates after optimizer step ``step`` (0-based): every ``eval_every``
+        steps and after the last."""
+        return (step + 1) % self.eval_every == 0 or step + 1 == self.steps
+
     def lr_at(self, step: int) -> float:
         """Learning rate at optimizer step ``step`` (0-based)."""
         if step < self.warmup:
@@ -199,7 +204,7 @@ def train(model: nn.Module, corpus: Corpus, config: TrainConfig | None = None, *
         step_seconds += time.perf_counter() - step_start
         if callback is not None:
             callback(step, model, x, labels)
-        if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
+        if config.evaluates_after(step):
             by_domain = evaluate(model, corpus, batches=config.eval_batches, batch_size=config.batch_size,
                                  block_size=block_size)
             history.val_step.append(step)

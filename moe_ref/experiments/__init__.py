@@ -20,18 +20,15 @@ rerun with the same options after an interruption, resumes from there. ``--scale
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict
 from pathlib import Path
-
-import torch
 
 from ..book.data import build_corpus
 from ..book.page import Progress
 from . import sweeps, upcycle
 from .arms import MODEL, PROBE, TRAIN, encode_tokens, probe_batch, run_arm
-from .results import SCHEMA, Partial, ResultsError, dumps, git_commit, load, provenance
+from .results import SCHEMA, Partial, ResultsError, dumps, fingerprint, git_commit, load, provenance
 
 EXPERIMENTS = {"experts": sweeps.EXPERTS, "variants": sweeps.VARIANTS, "upcycling": upcycle.ARMS}
 """The experiments by name, each with its arms."""
@@ -76,10 +73,11 @@ def run(name: str, out, *, seeds: int = 3, scale: float = 1.0, arms: list | None
     config = settings(name, seeds, scale, arms)
     out = Path(out)
     partial = Partial(out, config)
+    units = _units(name, config)
     earlier = _earlier(out, name, config)
     if earlier is not None:
         for key, records in _units_of(name, earlier["runs"]).items():
-            if key in _units(name, config) and key not in partial.done:
+            if key in units and key not in partial.done:
                 partial.add(key, records)
     t0 = time.perf_counter()
     commit = git_commit()  # now: the code that computes, not whatever the tree holds at the end
@@ -87,7 +85,6 @@ def run(name: str, out, *, seeds: int = 3, scale: float = 1.0, arms: list | None
     probe, probe_domains = probe_batch(corpus, PROBE["sequences_per_domain"], MODEL.block_size,
                                        PROBE["seed"])
     train = config["train"]
-    units = _units(name, config)
     todo = [key for key in units if key not in partial.done]
     bar = Progress(sum(units[key] for key in todo), desc=name, enabled=progress, every=1.0)
     for key in todo:
@@ -117,10 +114,6 @@ def run(name: str, out, *, seeds: int = 3, scale: float = 1.0, arms: list | None
     return result
 
 
-def _without_seeds(config: dict) -> dict:
-    return {key: value for key, value in config.items() if key != "seeds"}
-
-
 def _earlier(out: Path, name: str, config: dict) -> dict | None:
     """The results file already at ``out`` if it holds this experiment with these settings but other
     seeds (which can be reused), else ``None``. A file that cannot be read is left alone (and overwritten)."""
@@ -130,19 +123,20 @@ def _earlier(out: Path, name: str, config: dict) -> dict | None:
         earlier = load(out, name, run_keys=RUN_KEYS)
     except ResultsError:
         return None
-    if json.dumps(_without_seeds(earlier["settings"]), sort_keys=True) != json.dumps(
-            _without_seeds(config), sort_keys=True):
-        return None
-    return earlier
+    return earlier if fingerprint(earlier["settings"]) == fingerprint(config) else None
 
 
 def _units_of(name: str, runs: list) -> dict:
     """Group the run records of a results file by unit key (as :func:`_units` names them)."""
     units = {}
     for record in runs:
-        key = f"seed={record['seed']}" if name == "upcycling" else f"{record['arm']}/seed={record['seed']}"
-        units.setdefault(key, []).append(record)
+        units.setdefault(_unit_key(name, record["arm"], record["seed"]), []).append(record)
     return units
+
+
+def _unit_key(name: str, arm: str, seed: int) -> str:
+    """A unit of work: one (arm, seed) run, or for upcycling all the arms of one seed."""
+    return f"seed={seed}" if name == "upcycling" else f"{arm}/seed={seed}"
 
 
 def _units(name: str, config: dict) -> dict:
@@ -151,8 +145,8 @@ def _units(name: str, config: dict) -> dict:
     steps = config["train"]["steps"]
     if name == "upcycling":
         per_seed = sum(upcycle.added_steps(config["train"]).values())
-        return {f"seed={seed}": per_seed for seed in config["seeds"]}
-    return {f"{arm}/seed={seed}": steps for seed in config["seeds"] for arm in config["arms"]}
+        return {_unit_key(name, None, seed): per_seed for seed in config["seeds"]}
+    return {_unit_key(name, arm, seed): steps for seed in config["seeds"] for arm in config["arms"]}
 
 
 def _run_unit(name: str, key: str, corpus, train: dict, device: str, probe, on_step) -> list[dict]:

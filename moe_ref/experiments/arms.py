@@ -78,6 +78,14 @@ class Arm:
     def model(self, seed: int, model_config: ModelConfig = MODEL) -> TinyTransformer:
         """The arm's model, initialised from ``seed``."""
         torch.manual_seed(seed)
+        return self._build(model_config)
+
+    def flops_per_token(self, model_config: ModelConfig = MODEL) -> int:
+        """The model's forward FLOPs per token, counted on the meta device (no weights, no random numbers)."""
+        with torch.device("meta"):
+            return self._build(model_config).flops_per_token()
+
+    def _build(self, model_config: ModelConfig) -> TinyTransformer:
         return TinyTransformer(model_config, lambda layer: self.ffn(model_config.d_model,
                                                                     model_config.activation))
 
@@ -124,7 +132,7 @@ def encode_choices(choices: torch.Tensor) -> list[str]:
 
 def decode_choices(rows: list[str]) -> torch.Tensor:
     """Inverse of :func:`encode_choices`: ``[S, T]`` int64."""
-    return torch.tensor([[DIGITS.index(c) for c in row] for row in rows], dtype=torch.long)
+    return torch.tensor([[int(c, 36) for c in row] for row in rows], dtype=torch.long)
 
 
 def encode_tokens(tokens: torch.Tensor) -> list[str]:
@@ -137,9 +145,10 @@ def decode_tokens(rows: list[str]) -> torch.Tensor:
     return torch.tensor([list(bytes.fromhex(row)) for row in rows], dtype=torch.long)
 
 
-def run_arm(key: str, arm: Arm, seed: int, corpus: Corpus, train_settings: dict, *, probe: torch.Tensor | None = None,
-            model_config: ModelConfig = MODEL, device: str = "cpu", model: TinyTransformer | None = None,
-            data_seed: int | None = None, on_step=None) -> tuple[dict, TinyTransformer]:
+def run_arm(key: str, arm: Arm, seed: int, corpus: Corpus, train_settings: dict, *,
+            probe: torch.Tensor | None = None, model_config: ModelConfig = MODEL, device: str = "cpu",
+            model: TinyTransformer | None = None, data_seed: int | None = None,
+            on_step=None) -> tuple[dict, TinyTransformer]:
     """Train ``arm`` from ``seed`` (or continue ``model``) and return ``(record, model)``.
 
     Args:
@@ -165,7 +174,7 @@ def run_arm(key: str, arm: Arm, seed: int, corpus: Corpus, train_settings: dict,
     def callback(step, model, x, labels):
         if on_step is not None:
             on_step()
-        if track and ((step + 1) % config.eval_every == 0 or step + 1 == config.steps):
+        if track and config.evaluates_after(step):
             checkpoints.append(first_choices(model, probe))
 
     history = train(model, corpus, config, progress=False, callback=callback)

@@ -79,8 +79,10 @@ def dumps(result: dict) -> str:
 
 
 def fingerprint(settings: dict) -> str:
-    """A short hash of ``settings`` (as sorted JSON): two runs with the same fingerprint compute the same."""
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    """A short hash of ``settings`` without its ``seeds`` (as sorted JSON). Runs are keyed by seed, so two
+    settings with the same fingerprint compute the same run for every seed they share."""
+    seedless = {key: value for key, value in settings.items() if key != "seeds"}
+    return hashlib.sha256(json.dumps(seedless, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _differences(found, expected, prefix: str = "") -> list[str]:
@@ -181,8 +183,7 @@ class Partial:
 
     def __init__(self, out: Path, settings: dict):
         self.path = Path(str(out) + ".partial.jsonl")
-        # units are keyed by seed, so a run with more seeds can reuse those of a run with fewer
-        self.fingerprint = fingerprint({k: v for k, v in settings.items() if k != "seeds"})
+        self.fingerprint = fingerprint(settings)  # without seeds: a run with more seeds reuses these
         self.done: dict[str, list] = {}
         if self.path.exists():
             lines = self.path.read_text().splitlines()

@@ -38,8 +38,8 @@ ARMS = {
 def added_steps(train: dict) -> dict:
     """Steps of each continuation arm: the dense arm as many as the pre-training (added compute = 100% of
     the sunk cost), the MoE arms that compute divided by their FLOPs per token."""
-    dense = ARMS["dense_pretrain"].model(0).flops_per_token()
-    moe = ARMS["moe_scratch"].model(0).flops_per_token()
+    dense = ARMS["dense_pretrain"].flops_per_token()
+    moe = ARMS["moe_scratch"].flops_per_token()
     steps = train["steps"]
     return {"dense_pretrain": steps, "dense_continue": steps, "upcycled": round(steps * dense / moe),
             "moe_scratch": round(steps * dense / moe)}
