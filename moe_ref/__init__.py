@@ -16,6 +16,10 @@ One small module per idea; :class:`~moe_ref.moe.MoE` only composes them:
 * :mod:`~moe_ref.kernels` (chapters 5, 6): ``grouped_mm`` and its Triton backend.
 * :mod:`~moe_ref.upcycling` (chapter 7): an MoE made of copies of a trained dense FFN;
   :mod:`~moe_ref.specialization` (chapter 8): what routing follows, measured on recorded routings.
+* :mod:`~moe_ref.expert_parallel` (chapter 9): the experts spread over ranks, on ``torch.distributed``;
+  :mod:`~moe_ref.checkpoint`: sharded safetensors checkpoints loadable at any world size;
+  :mod:`~moe_ref.launch`: worker processes for notebooks and tests; :mod:`moe_ref.train_ep`: the ``torchrun``
+  demo.
 * :mod:`~moe_ref.hf`: an equivalent :class:`~moe_ref.moe.MoE` from a ``transformers`` MoE block.
 * :mod:`moe_ref.book`: what the notebooks need beside the library (data, tiny model, trainer, settings,
   benchmarks); :mod:`moe_ref.experiments`: the full-scale experiments of chapters 7 and 8.
@@ -24,10 +28,15 @@ One small module per idea; :class:`~moe_ref.moe.MoE` only composes them:
 from .activations import ACTIVATIONS, GATED
 from .capacity import (CAPACITY_GROUPS, DROP_PRIORITIES, CapacityConfig, CapacityRecord, apply_capacity,
                        expert_capacity, queue_positions)
-from .counting import MoEParams, attention_flops, count_params, ffn_flops, ffn_params, moe_flops, moe_params
+from .counting import (MoEParams, attention_flops, count_params, dispatch_bytes, ffn_flops, ffn_params, moe_flops,
+                       moe_params)
 from .dispatch import DispatchPlan, combine, permute, sort_by_expert
 from .experts import Experts
 from .ffn import FFN
+from .checkpoint import load_sharded, save_sharded
+from .expert_parallel import (ExpertParallelMoE, expert_parallel, node_limited, ranks_per_token,
+                              reduce_gradients)
+from . import launch
 from .hf import from_hf
 from .kernels.grouped_mm import grouped_mm
 from .losses import AuxLossConfig, load_balancing_loss, router_z_loss, sequence_balance_loss
@@ -60,5 +69,7 @@ __all__ = [
     "CapacityConfig", "CapacityRecord", "expert_capacity", "queue_positions", "apply_capacity",
     "CAPACITY_GROUPS", "DROP_PRIORITIES",
     "DispatchPlan", "sort_by_expert", "permute", "combine",
-    "grouped_mm", "from_hf", "upcycle",
+    "grouped_mm", "from_hf", "upcycle", "dispatch_bytes",
+    "ExpertParallelMoE", "expert_parallel", "reduce_gradients", "node_limited", "ranks_per_token",
+    "save_sharded", "load_sharded",
 ]

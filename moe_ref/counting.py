@@ -151,3 +151,20 @@ def moe_flops(d_model: int, d_hidden: int, num_experts: int, k: int, activation:
     if residual:
         total += ffn_flops(d_model, d_residual, activation) + 2 * d_model * 2
     return total
+
+
+def dispatch_bytes(d_model: int, k: int, bytes_per_element: float = 2, *, remote_fraction: float = 1.0) -> float:
+    """Bytes one token sends through an expert-parallel all-to-all *each way*, per MoE layer and forward pass.
+
+    Dispatch sends each of the token's ``k`` rows of ``d_model`` elements to its expert's rank, and combine
+    brings ``k`` rows back: ``k * d_model * bytes_per_element`` each way, ``2 * k * d_model * bytes`` in all
+    (the backward pass moves the same again). ``remote_fraction`` is the share of rows whose expert is on
+    another rank, ``(W - 1) / W`` under uniform routing over ``W`` ranks; rows for local experts cost nothing.
+    """
+    _checks.positive_int("d_model", d_model)
+    _checks.positive_int("k", k)
+    _checks.finite_float("bytes_per_element", bytes_per_element, minimum=0.0, strict=True)
+    _checks.finite_float("remote_fraction", remote_fraction, minimum=0.0)
+    if remote_fraction > 1:
+        raise ValueError(f"remote_fraction must be <= 1, got {remote_fraction}")
+    return k * d_model * bytes_per_element * remote_fraction

@@ -95,6 +95,24 @@ class Experts(nn.Module):
 
         return ffn_forward(x_sorted, self.act, self.w_in, self.w_up, self.w_out, matmul)
 
+    def narrow(self, start: int, stop: int) -> "Experts":
+        """Experts ``start, ..., stop - 1`` as a new module holding copies of their weights.
+
+        Draws no random numbers, so building a full :class:`Experts` and narrowing it consumes the RNG exactly
+        as the full module does (expert parallelism uses this to hold the same experts as a plain layer).
+        """
+        _checks.positive_int("start", start, minimum=0)
+        _checks.positive_int("stop", stop, minimum=start + 1)
+        if stop > self.num_experts:
+            raise ValueError(f"stop must be <= num_experts={self.num_experts}, got {stop}")
+        with torch.device("meta"):  # meta: the initialisation draws nothing
+            part = Experts(self.d_model, self.d_hidden, stop - start, self.activation, self.init_std)
+        for name in ("w_in", "w_up", "w_out"):
+            w = getattr(self, name)
+            if w is not None:
+                setattr(part, name, nn.Parameter(w.detach()[start:stop].clone(), requires_grad=w.requires_grad))
+        return part
+
     def padded(self, x_padded: torch.Tensor) -> torch.Tensor:
         """Every expert on its buffer, ``[E, C, d_model] -> [E, C, d_model]``: one ``torch.bmm`` per projection."""
         return ffn_forward(x_padded, self.act, self.w_in, self.w_up, self.w_out, _bmm)

@@ -164,7 +164,7 @@ class MoE(nn.Module):
         self.loss_config = AuxLossConfig() if aux_losses is None else _optional("aux_losses", aux_losses,
                                                                                    AuxLossConfig)
         self.router = make_router(self.router_config, d_model, num_experts, k)
-        self.experts = Experts(d_model, d_hidden, num_experts, activation, init_std)
+        self.experts = self._make_experts(d_model, d_hidden, num_experts, activation, init_std)
         self.shared = self.shared_gate = self.residual_mlp = self.residual_coef = None
         if shared is not None:
             self.shared = FFN(d_model, shared.num * (shared.d_hidden or d_hidden), activation)
@@ -177,6 +177,11 @@ class MoE(nn.Module):
         self.last_capacity: CapacityRecord | None = None
         self.losses: dict[str, torch.Tensor] = {}
         self.aux_loss: torch.Tensor | None = None
+
+    def _make_experts(self, d_model: int, d_hidden: int, num_experts: int, activation: str,
+                      init_std: float | None) -> Experts:
+        """The routed experts this module holds: all ``num_experts`` of them (expert parallelism holds a slice)."""
+        return Experts(d_model, d_hidden, num_experts, activation, init_std)
 
     impl = property(lambda self: self._impl, lambda self, v: setattr(self, "_impl", _checks.choice("impl", v, IMPLS)),
                     doc="The implementation of the routed experts (a key of :data:`IMPLS`); checked when set.")

@@ -28,6 +28,9 @@ CASES = {
     "gemm_tile_schedule": lambda: gemm_tile_schedule(),
     "gemm_tile_schedule_many": lambda: gemm_tile_schedule((300, 10, 0, 0, 190), block_m=64, block_n=128, n=4096),
     "gemm_tile_schedule_rows_only": lambda: gemm_tile_schedule((5,), block_m=16, output_grid=False),
+    "expert_parallel": lambda: diagrams.expert_parallel(),
+    "expert_parallel_w3": lambda: diagrams.expert_parallel(world_size=3, num_experts=6, k=2, tokens_per_rank=2),
+    "expert_parallel_k1": lambda: diagrams.expert_parallel(world_size=2, num_experts=8, k=1, tokens_per_rank=5),
 }
 
 
@@ -150,3 +153,33 @@ def test_expert_cuts_active_over_total():
     for bad in [(), (("a", 4, 32, 5, 0),), (("a", 0, 32, 1, 0),), (("a", 4, 32),)]:
         with pytest.raises(ValueError, match="row"):
             diagrams.expert_cuts(bad)
+
+
+def test_expert_parallel_plan_hand_computed():
+    # W = 2, E = 4 (rank 0: experts 0, 1; rank 1: experts 2, 3), tokens 0, 1 on rank 0 and 2, 3 on rank 1
+    plan = diagrams.expert_parallel_plan([[3, 0], [1, 2], [2, 3], [0, 2]], world_size=2, num_experts=4)
+    assert plan["x_sorted"] == [[(0, 0), (1, 1), (1, 2), (0, 3)], [(3, 0), (2, 2), (3, 2), (2, 3)]]
+    assert plan["send_counts"] == [[[1, 1], [1, 1]], [[1, 0], [2, 1]]]
+    # source-major: rank 0's own rows first, then rank 1's
+    assert plan["x_recv"] == [[(0, 0, 0), (0, 1, 1), (1, 3, 0)],
+                              [(0, 1, 2), (0, 0, 3), (1, 2, 2), (1, 3, 2), (1, 2, 3)]]
+    assert plan["expert_major"] == [[(0, 0, 0), (1, 3, 0), (0, 1, 1)],
+                                    [(0, 1, 2), (1, 2, 2), (1, 3, 2), (0, 0, 3), (1, 2, 3)]]
+    with pytest.raises(ValueError):
+        diagrams.expert_parallel_plan([[0, 1], [2, 3], [1, 0]], world_size=2, num_experts=4)  # 3 tokens, W = 2
+    with pytest.raises(ValueError):
+        diagrams.expert_parallel_plan([[0, 4]], world_size=1, num_experts=4)  # expert 4 of 4
+
+
+def test_expert_parallel_every_row_travels_and_returns():
+    """Each token appears once in x and y and k times in x_sorted, x_recv and y_sorted: no row is lost."""
+    for W, E, k, T in [(2, 4, 2, 3), (3, 6, 2, 2), (2, 8, 1, 5), (3, 3, 3, 2)]:
+        figure = diagrams.expert_parallel(world_size=W, num_experts=E, k=k, tokens_per_rank=T)
+        texts = [t.get_text() for t in _texts(figure)]
+        for t in range(W * T):
+            assert texts.count(f"t{t}") == 3 * k + 2, (W, E, k, T, t)
+        assert f"Expert parallelism: W = {W} ranks, E = {E} experts, k = {k}" in texts
+        plt.close(figure)
+    for bad in [dict(world_size=4), dict(num_experts=5), dict(k=5), dict(tokens_per_rank=6)]:
+        with pytest.raises(ValueError):
+            diagrams.expert_parallel(**bad)

@@ -45,6 +45,7 @@ import time
 import torch
 
 from ..ffn import FFN
+from . import ep_bench
 
 #: Candidate names of :func:`bench_layer`, in table order.
 LAYER_CANDIDATES = ("moe_ref", "hf_eager", "hf_grouped_mm", "dense", "moe_ref_padded")
@@ -388,7 +389,7 @@ def format_gmm(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """The command line: ``python -m moe_ref.bench {layer,gmm} [options]``."""
+    """The command line: ``python -m moe_ref.bench {layer,gmm,ep} [options]``."""
     parser = argparse.ArgumentParser(prog="python -m moe_ref.bench", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     layer = commands.add_parser("layer", help="MoE layer vs transformers' Mixtral block vs a dense FFN")
@@ -413,7 +414,11 @@ def main(argv: list[str] | None = None) -> dict:
     gmm.add_argument("--plot", metavar="PATH", default="gmm_results.png")
     gmm.add_argument("--peak-tflops", type=float, default=None, help="peak bf16 TFLOP/s, for the roofline")
     gmm.add_argument("--peak-bandwidth", type=float, default=None, help="peak memory bandwidth in TB/s")
+    ep = commands.add_parser("ep", help="expert parallelism on CPU: per-rank compute and all-to-all time, W=1,2,4")
+    ep_bench.add_arguments(ep)
     args = parser.parse_args(argv)
+    if args.command == "ep":
+        return ep_bench.run(args, argv)
     if args.command == "gmm":
         if not torch.cuda.is_available():
             parser.exit(2, "python -m moe_ref.bench gmm: no CUDA GPU is visible to torch; this benchmark only "

@@ -11,7 +11,9 @@ boxes, :class:`~matplotlib.patches.FancyArrowPatch` arrows) on one axes without 
 * :func:`capacity_drops`: expert capacity, the slots each expert keeps and the assignments it drops;
 * :func:`gemm_tile_schedule`: the tile schedule of the Triton grouped-matmul kernel of chapter 6;
 * :func:`expert_cuts`: the same hidden units cut into experts in different ways, and the units one token
-  passes through (chapter 7).
+  passes through (chapter 7);
+* :func:`expert_parallel`: one MoE layer's dispatch and combine across ranks, the five steps of expert
+  parallelism (chapter 9).
 
 Style, shared by all of them: at most 6.4 inches wide (the book's text column), at most two panels side by
 side, text of 10 or 11 points, one colour per expert (:data:`EXPERT_COLORS`, the same expert has the same
@@ -34,9 +36,9 @@ from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from matplotlib.patches import Circle, FancyArrowPatch, FancyBboxPatch, Patch, Polygon, Rectangle
 
-__all__ = ["EXPERT_COLORS", "expert_color", "moe_block", "data_path", "capacity_drops", "gemm_tile_schedule", "GemmTile",
-           "gemm_row_tiles", "gemm_launch_row_tiles", "expert_cuts", "CUTS", "DIAGRAMS",
-           "save_all"]
+__all__ = ["EXPERT_COLORS", "expert_color", "moe_block", "data_path", "capacity_drops", "gemm_tile_schedule",
+           "GemmTile", "gemm_row_tiles", "gemm_launch_row_tiles", "expert_cuts", "CUTS", "expert_parallel",
+           "expert_parallel_plan", "DIAGRAMS", "save_all"]
 
 #: One colour per expert, reused by every diagram (expert ``e`` is ``EXPERT_COLORS[e % 8]``): calm,
 #: mid-saturation hues that stay apart from each other and from the red of dropped assignments.
@@ -725,6 +727,245 @@ def expert_cuts(rows: tuple = CUTS, *, seed: int = 3) -> Figure:
     return fig
 
 
+# --- 6. expert parallelism: dispatch and combine across ranks -----------------------------------------------
+
+def expert_parallel_plan(expert_indices, world_size: int, num_experts: int) -> dict:
+    """Where every (token, expert) row goes in the expert-parallel layer of chapter 9, in Python.
+
+    Rank ``r`` holds tokens ``r * T ... (r + 1) * T - 1`` and experts ``r * E/W ... (r + 1) * E/W - 1``.
+
+    Args:
+        expert_indices: ``[W * T, k]`` integers, each token's experts.
+        world_size: ``W``, dividing the tokens and ``num_experts``.
+        num_experts: ``E``.
+
+    Returns:
+        ``x_sorted``: per rank, its ``(token, expert)`` rows sorted by expert (stably, so tokens keep their
+        order within an expert); they are also grouped by the rank they go to. ``send_counts``: ``[W][W][E/W]``
+        rows rank ``r`` sends to each local expert of rank ``s``. ``x_recv``: per rank ``s``, the
+        ``(source rank, token, expert)`` rows it receives, source-major (the all-to-all's order).
+        ``expert_major``: the same rows reordered by local expert for the grouped matmul.
+    """
+    idx = np.asarray(expert_indices)
+    W, E = int(world_size), int(num_experts)
+    if idx.ndim != 2 or W < 1 or idx.shape[0] % W or E % W or idx.size and not 0 <= idx.min() <= idx.max() < E:
+        raise ValueError(f"need [W * T, k] expert indices in [0, E) with W dividing the tokens and E; got shape "
+                         f"{idx.shape}, W={world_size}, E={num_experts}")
+    T, per = idx.shape[0] // W, E // W
+    x_sorted = [sorted(((t, int(e)) for t in range(r * T, (r + 1) * T) for e in idx[t]), key=lambda p: p[1])
+                for r in range(W)]
+    send = [[[sum(1 for _, e in x_sorted[r] if e == s * per + j) for j in range(per)] for s in range(W)]
+            for r in range(W)]
+    x_recv = [[(r, t, e) for r in range(W) for t, e in x_sorted[r] if e // per == s] for s in range(W)]
+    expert_major = [sorted(rows, key=lambda row: row[2]) for rows in x_recv]
+    return {"x_sorted": x_sorted, "send_counts": send, "x_recv": x_recv, "expert_major": expert_major}
+
+
+def expert_parallel(world_size: int = 2, num_experts: int = 4, k: int = 2, tokens_per_rank: int = 3, *,
+                    seed: int = 5) -> Figure:
+    """Expert parallelism: one MoE layer's dispatch and combine across ``W`` ranks (chapter 9).
+
+    One lane per rank (a device), holding ``T = tokens_per_rank`` tokens and ``E / W`` experts; the data flows
+    left to right through the five steps of :class:`~moe_ref.expert_parallel.ExpertParallelMoE`:
+
+    1. **sort**: each token's ``k`` rows (a line from its row of ``x`` per expert, in the expert's colour)
+       sorted by expert, ``x_sorted``, which groups them by the rank they go to;
+    2. **counts**: the ranks exchange their ``[W, E/W]`` row counts (dashed arrows between lanes);
+    3. **dispatch**: an all-to-all sends each group of rows to its rank (solid arrows cross ranks, dashed ones
+       stay), where they arrive source-major, ``x_recv``;
+    4. **experts**: rows reordered by local expert, one grouped matmul per rank;
+    5. **combine**: a second all-to-all brings every output row home (``y_sorted``, in ``x_sorted``'s order),
+       and each token sums its rows with its combine weights into ``y`` (each row of ``y`` split in its
+       experts' colours in proportion to the weights).
+
+    The routing is a small random example (``seed``) with the book's top-k softmax weights. Every token
+    label ``t<i>`` appears once in ``x`` and ``y`` and ``k`` times in each of ``x_sorted``, ``x_recv`` and
+    ``y_sorted``.
+
+    Args:
+        world_size: ``W``, 2 or 3 ranks.
+        num_experts: ``E``, divisible by ``W``, at most 8.
+        k: experts per token, ``1 <= k <= E``.
+        tokens_per_rank: ``T``, with ``W * T <= 10`` and ``T * k <= 8``.
+        seed: the random example routing (the default gives uneven splits in both directions).
+    """
+    W, E, T = int(world_size), int(num_experts), int(tokens_per_rank)
+    if not (W in (2, 3) and 1 <= E <= 8 and E % W == 0 and 1 <= k <= E and T >= 1 and W * T <= 10
+            and T * k <= 8):
+        raise ValueError(f"need W in (2, 3), E <= 8 divisible by W, 1 <= k <= E, T >= 1, W * T <= 10 and "
+                         f"T * k <= 8; got W={world_size}, E={num_experts}, k={k}, T={tokens_per_rank}")
+    _, idx, w = _example_routing(W * T, E, k, seed)
+    plan = expert_parallel_plan(idx, W, E)
+    per = E // W
+    cw, ch, g = 0.3, 0.2, 0.07  # cell width and height, gap between groups of rows
+    bw = 0.5  # width of an expert's box
+    # the columns' left edges, inches: x, x_sorted, x_recv, experts, y_sorted, y
+    cols = {"x": 0.25}
+    cols["x_sorted"] = cols["x"] + cw + 0.5
+    cols["x_recv"] = cols["x_sorted"] + cw + 0.95
+    cols["experts"] = cols["x_recv"] + cw + 0.4
+    cols["y_sorted"] = cols["experts"] + bw + 1.2
+    cols["y"] = cols["y_sorted"] + cw + 0.7
+    right = cols["y"] + cw + 0.2
+
+    def column_height(n_rows, n_groups):
+        return n_rows * ch + max(n_groups - 1, 0) * g
+
+    lane_rows = [max(column_height(T * k, W), column_height(len(plan["x_recv"][r]), W),
+                     column_height(len(plan["x_recv"][r]) + sum(1 for j in range(per) if not any(
+                         e == r * per + j for _, _, e in plan["x_recv"][r])), per))
+                 for r in range(W)]
+    head, lane_pad, lane_gap, legend = 1.0, 0.34, 0.5, 0.55
+    height = head + sum(h + lane_pad + 0.12 for h in lane_rows) + (W - 1) * lane_gap + legend
+    fig, ax = _canvas(WIDTH, height)
+    _text(ax, WIDTH / 2, height - 0.22, f"Expert parallelism: W = {W} ranks, E = {E} experts, k = {k}",
+          size=TITLE)
+
+    # header: the steps over the gaps where they happen, the tensors over their columns
+    y_step, y_name = height - 0.55, height - 0.82
+    steps = [("1", "sort", (cols["x"] + cw + cols["x_sorted"]) / 2),
+             ("3", "dispatch", (cols["x_sorted"] + cw + cols["x_recv"]) / 2),
+             ("4", "experts", cols["experts"] + bw / 2),
+             ("5", "combine", (cols["experts"] + bw + cols["y_sorted"]) / 2 + 0.1)]
+    for number, name, xc in steps:  # a numbered disc, then the name; the pair centred on xc
+        half = (0.24 + 0.085 * len(name)) / 2
+        ax.add_patch(Circle((xc - half + 0.1, y_step), 0.1, fc=INK, ec="none", zorder=3))
+        _text(ax, xc - half + 0.1, y_step, number, color="white", weight="bold", zorder=4)
+        _text(ax, xc - half + 0.25, y_step, name, weight="bold", ha="left")
+    for name in ("x", "x_sorted", "x_recv", "y_sorted", "y"):
+        _text(ax, cols[name] + cw / 2, y_name, name, family="monospace")
+
+    # lanes, top to bottom; every row's vertical centre, by column, for the lines between columns
+    tops, centres = [], {name: [] for name in ("x", "x_sorted", "x_recv", "experts", "y_sorted")}
+    top = height - head
+    for r in range(W):
+        bottom = top - lane_pad - lane_rows[r] - 0.12
+        ax.add_patch(FancyBboxPatch((0.1, bottom), right - 0.1, top - bottom, boxstyle="round,pad=0,rounding_size=0.08",
+                                    fc=LIGHT, ec="none", zorder=0))
+        _text(ax, 0.2, top - 0.15, f"rank {r}", ha="left", weight="bold")
+        _text(ax, 0.75, top - 0.15, f"holds experts {r * per}–{(r + 1) * per - 1}" if per > 1 else
+              f"holds expert {r}", ha="left", color=GREY)
+        tops.append(top - lane_pad)
+        top = bottom - lane_gap
+
+    def row_top(r, i, group):
+        return tops[r] - i * ch - group * g
+
+    for r in range(W):
+        # x: the rank's tokens, not yet routed
+        cx = {}
+        for i, t in enumerate(range(r * T, (r + 1) * T)):
+            y0 = row_top(r, i, 0) - ch
+            _cell(ax, cols["x"], y0, cw, ch, f"t{t}", fc="white", ec=LIGHT)
+            cx[t] = y0 + ch / 2
+        centres["x"].append(cx)
+        # x_sorted: by expert, so grouped by destination rank
+        rows = []
+        for i, (t, e) in enumerate(plan["x_sorted"][r]):
+            y0 = row_top(r, i, e // per) - ch
+            _cell(ax, cols["x_sorted"], y0, cw, ch, f"t{t}", fc=_tint(expert_color(e), 0.45), ec="white")
+            rows.append(y0 + ch / 2)
+            ax.plot([cols["x"] + cw + 0.03, cols["x_sorted"] - 0.03], [cx[t], y0 + ch / 2], color=expert_color(e),
+                    lw=0.9, zorder=1)
+        centres["x_sorted"].append(rows)
+        # x_recv: source-major
+        rows = []
+        for i, (source, t, e) in enumerate(plan["x_recv"][r]):
+            y0 = row_top(r, i, source) - ch
+            _cell(ax, cols["x_recv"], y0, cw, ch, f"t{t}", fc=_tint(expert_color(e), 0.45), ec="white")
+            rows.append(y0 + ch / 2)
+        centres["x_recv"].append(rows)
+        # experts: the received rows by local expert, one box per expert (a block of the grouped matmul)
+        slots, i = {}, 0
+        for j in range(per):
+            e = r * per + j
+            mine = [n for n, row in enumerate(plan["expert_major"][r]) if row[2] == e]
+            y_top = row_top(r, i, j)
+            if not mine:  # an expert that received nothing: an empty block
+                _box(ax, cols["experts"], y_top - ch, bw, ch, f"e{e}: 0", fc="white", ec=GREY, ls="--", color=GREY,
+                     radius=0.04)
+                i += 1
+                continue
+            _box(ax, cols["experts"], y_top - len(mine) * ch, bw, len(mine) * ch, f"e{e}",
+                 fc=_tint(expert_color(e), 0.3), ec=expert_color(e), color="white", weight="bold", radius=0.04)
+            for n_row, n in enumerate(mine):
+                slots[n] = y_top - (n_row + 0.5) * ch
+            i += len(mine)
+        centres["experts"].append([slots[n] for n in range(len(plan["expert_major"][r]))])
+        # reorder lines: source-major -> expert-major
+        order = {row: n for n, row in enumerate(plan["expert_major"][r])}  # rows are distinct (t, e) pairs
+        for i_row, row in enumerate(plan["x_recv"][r]):
+            ax.plot([cols["x_recv"] + cw + 0.03, cols["experts"] - 0.03],
+                    [centres["x_recv"][r][i_row], slots[order[row]]], color=GREY, lw=0.8, zorder=1)
+        # y_sorted: the outputs back home, in x_sorted's order; y: each token's weighted sum
+        rows = []
+        for i, (t, e) in enumerate(plan["x_sorted"][r]):
+            y0 = row_top(r, i, e // per) - ch
+            _cell(ax, cols["y_sorted"], y0, cw, ch, f"t{t}", fc=_tint(expert_color(e), 0.15), color="white",
+                  ec="white")
+            rows.append(y0 + ch / 2)
+        centres["y_sorted"].append(rows)
+        for i, t in enumerate(range(r * T, (r + 1) * T)):
+            y0 = row_top(r, i, 0) - ch
+            x0 = cols["y"]
+            for j in range(k):
+                part = cw * float(w[t, j] / w[t].sum())
+                _cell(ax, x0, y0, part, ch, fc=_tint(expert_color(int(idx[t, j])), 0.45), ec="white")
+                x0 += part
+            _text(ax, cols["y"] + cw / 2, y0 + ch / 2, f"t{t}", zorder=4)
+        for i, (t, e) in enumerate(plan["x_sorted"][r]):
+            ax.plot([cols["y_sorted"] + cw + 0.03, cols["y"] - 0.03],
+                    [centres["y_sorted"][r][i], centres["x"][r][t]], color=expert_color(e), lw=0.9, zorder=1)
+
+    # dispatch: one arrow per (source, destination) group of rows
+    for r in range(W):
+        for s in range(W):
+            src = [i for i, (_, e) in enumerate(plan["x_sorted"][r]) if e // per == s]
+            dst = [i for i, (source, _, _) in enumerate(plan["x_recv"][s]) if source == r]
+            if not src:
+                continue
+            y_from = sum(centres["x_sorted"][r][i] for i in src) / len(src)
+            y_to = sum(centres["x_recv"][s][i] for i in dst) / len(dst)
+            local = r == s
+            _arrow(ax, (cols["x_sorted"] + cw + 0.04, y_from), (cols["x_recv"] - 0.05, y_to),
+                   color=GREY if local else INK, lw=1.0 if local else 1.4, ls="--" if local else "-", zorder=3)
+    # combine: every output row back to its home rank, at its place in y_sorted
+    for s in range(W):
+        for n, (source, t, e) in enumerate(plan["expert_major"][s]):
+            i = next(i for i, row in enumerate(plan["x_sorted"][source]) if row == (t, e))
+            local = source == s
+            ax.plot([cols["experts"] + bw + 0.03, cols["y_sorted"] - 0.03],
+                    [centres["experts"][s][n], centres["y_sorted"][source][i]], color=expert_color(e),
+                    lw=0.9 if local else 1.3, ls="--" if local else "-", zorder=2)
+    # counts: the [W, E/W] row counts, exchanged between every pair of ranks before the dispatch
+    xc = cols["x_sorted"] + cw / 2
+    for r in range(W - 1):
+        lower = min(row_top(r, 0, 0) - lane_rows[r], tops[r] - lane_rows[r]) - 0.12
+        upper = tops[r + 1] + lane_pad
+        y_hi, y_lo = lower - 0.02, upper + 0.02
+        _arrow(ax, (xc, y_hi), (xc, y_lo), color=INK, lw=1.1, ls=(0, (3, 2)), style="<|-|>", zorder=3)
+        y_mid = (y_hi + y_lo) / 2
+        ax.add_patch(Circle((cols["x"] - 0.03, y_mid + 0.1), 0.1, fc=INK, ec="none", zorder=3))
+        _text(ax, cols["x"] - 0.03, y_mid + 0.1, "2", color="white", weight="bold", zorder=4)
+        _text(ax, cols["x"] + 0.12, y_mid + 0.1, "counts", ha="left", weight="bold")
+        _text(ax, cols["x"] + 0.12, y_mid - 0.1, "[W, E/W]", ha="left", color=GREY, family="monospace")
+
+    # legend
+    y_leg = 0.28
+    x = 0.2
+    for e in range(E):
+        _cell(ax, x, y_leg - 0.09, 0.18, 0.18, fc=_tint(expert_color(e), 0.45), ec="white")
+        x += 0.2
+    _text(ax, x + 0.02, y_leg, "experts", ha="left", color=GREY)
+    x += 0.75
+    _arrow(ax, (x, y_leg), (x + 0.4, y_leg), color=INK, lw=1.4)
+    _text(ax, x + 0.47, y_leg, "to another rank", ha="left")
+    x += 1.75
+    _arrow(ax, (x, y_leg), (x + 0.4, y_leg), color=GREY, lw=1.0, ls="--")
+    _text(ax, x + 0.47, y_leg, "stays on its rank", ha="left")
+    return fig
+
+
 # --- all of them ------------------------------------------------------------------------------------------
 
 #: Every diagram with its default arguments, by file name.
@@ -735,6 +976,7 @@ DIAGRAMS = {
     "capacity_drops": capacity_drops,
     "gemm_tile_schedule": gemm_tile_schedule,
     "expert_cuts": expert_cuts,
+    "expert_parallel": expert_parallel,
 }
 
 
