@@ -452,7 +452,7 @@ class ExpertParallelMoE(MoE):
 
     @property
     def max_ranks_per_token(self) -> int:
-        """The most ranks one token's rows can go to: ``min(k, W)``, or fewer with node-limited routing."""
+        """The most ranks one token's rows can go to, ``min(k, W)`` or fewer with node-limited routing."""
         W, router = self.ep.size, self.router_config
         bound = min(self.k, W)
         if router.kind == "sigmoid" and router.n_group > 1:

@@ -1,8 +1,8 @@
 """Train the book's tiny MoE transformer with expert parallelism on CPU, launched the way users know::
 
     torchrun --nproc-per-node 2 -m moe_ref.train_ep
-    torchrun --nproc-per-node 4 -m moe_ref.train_ep --ep 2      # 2-way expert x 2-way data parallelism
-    torchrun --nproc-per-node 2 -m moe_ref.train_ep --steps 20 --check --save /tmp/ep_ckpt
+    torchrun --nproc-per-node 4 -m moe_ref.train_ep --ep 2   # 2 x 2: data x expert
+    torchrun --nproc-per-node 2 -m moe_ref.train_ep --steps 20 --check --save ckpt
 
 Every rank builds the corpus (:func:`~moe_ref.book.data.build_corpus`, deterministic) and the same model
 (same seed): chapter 1's :class:`~moe_ref.book.model.TinyTransformer` at the experiments' size
@@ -274,7 +274,7 @@ def reference_run(args, corpus, world_size: int) -> tuple[nn.Module, list[float]
 
 
 def weight_difference(reference: nn.Module, states: list[tuple[dict, dict]]) -> float:
-    """Max |difference| between every rank's state and the plain model's: ``states`` holds each rank's
+    """The largest absolute difference between every rank's state and the plain model's: ``states`` holds each rank's
     ``(state dict, {layer name: first expert})``; expert tensors compare with the reference's slice."""
     full = reference.state_dict()
     worst = 0.0

@@ -136,7 +136,7 @@ def bench_ep(world_sizes=(1, 2, 4), *, tokens_per_rank: int = 2048, d_model: int
         command: what to record as the command (default: this call).
 
     Returns:
-        A JSON-serialisable dict: ``schema`` (1), ``provenance`` (:func:`moe_ref.experiments.results.provenance`
+        A dict that JSON can write, with ``schema`` (1), ``provenance`` (:func:`moe_ref.experiments.results.provenance`
         plus ``cores``, ``load`` and ``seconds``; ``threads`` is the workers'), ``settings`` (the arguments)
         and ``runs``: one per (W, scenario) with ``world_size``, ``scenario``, ``imbalance`` (max over mean
         rows received per rank), ``tokens_per_s``, ``oversubscription`` (``W * threads / cores``) and

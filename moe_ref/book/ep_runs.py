@@ -182,11 +182,12 @@ def buffers_and_fanout(rank: int, world_size: int, capacity: dict, node: dict, s
             freshly initialised (untrained), on random tokens.
 
     Returns:
-        ``{"rank", "capacity": {variant: {"received_per_expert" [E/W], "received" [W], "capacity" (C or None),
-        "local_dropped" (this rank's pairs), "num_dropped", "drop_rate" (all ranks')}},
-        "node": {M: {"ranks_per_token" (histogram over 0..W), "remote_rows", "dedup_rows"
-        (:func:`cross_rank_rows`), "sent_remote" (the layer's own count of rows sent to other ranks),
-        "bound" (``max_ranks_per_token``)}}}``.
+        A dict with ``"rank"``; ``"capacity"``, per variant: ``"received_per_expert"`` (``[E/W]``),
+        ``"received"`` (``[W]``), ``"capacity"`` (``C`` or ``None``), ``"local_dropped"`` (this rank's pairs),
+        ``"num_dropped"`` and ``"drop_rate"`` (all ranks'); and ``"node"``, per ``M``: ``"ranks_per_token"``
+        (a histogram over ``0 .. W``), ``"remote_rows"`` and ``"dedup_rows"`` (:func:`cross_rank_rows`),
+        ``"sent_remote"`` (the layer's own count of rows sent to other ranks) and ``"bound"``
+        (``max_ranks_per_token``).
     """
     from .ep_bench import hot_direction
 
