@@ -46,7 +46,7 @@ from torch import nn
 
 from .book.data import build_corpus
 from .book.model import TinyTransformer
-from .book.train import TrainConfig, _param_groups, evaluate
+from .book.train import TrainConfig, param_groups, evaluate
 from .capacity import CapacityConfig
 from .experiments.arms import BALANCE_COEF, MODEL
 from .expert_parallel import ExpertParallelMoE, expert_parallel, reduce_gradients
@@ -170,7 +170,7 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
 
 def optimizer_for(model: nn.Module, args) -> torch.optim.Optimizer:
     """AdamW as :func:`moe_ref.book.train.train` makes it (weight decay on matrices only)."""
-    return torch.optim.AdamW(_param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
+    return torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
 
 
 def schedule(args) -> TrainConfig:

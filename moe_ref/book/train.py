@@ -114,7 +114,7 @@ def aux_loss(model: nn.Module) -> torch.Tensor | None:
     return torch.stack([l.reshape(()) for l in losses]).sum() if losses else None
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list:
+def param_groups(model: nn.Module, weight_decay: float) -> list:
     """Weight decay on matrices only; norms, biases and other 1-d parameters are left alone."""
     seen, decay, no_decay = set(), [], []
     for p in model.parameters():
@@ -174,7 +174,7 @@ def train(model: nn.Module, corpus: Corpus, config: TrainConfig | None = None, *
     block_size = config.block_size or model.config.block_size
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.95))
     history = History(val_loss_by_domain={d: [] for d in corpus.domains})
     hooks = [m for m in model.modules() if callable(getattr(m, "after_optimizer_step", None))]
     t0 = time.perf_counter()
