@@ -18,6 +18,13 @@ float result once a token has three or more rows (expert choice, ``k >= 3``). Th
 ``T * slots * d_model`` float32 zero-fill and a few milliseconds per layer at the book's sizes.
 
 :func:`routed_naive` computes the same thing with a loop over experts: the readable reference.
+
+:func:`routed_decode` is the decode fast path (chapter 11): the same sort and the same combine, but the
+experts run as one plain matmul per projection on each *touched* expert only, after one read of the group
+sizes on the host. At a handful of tokens the grouped path's fixed costs (the custom operator, a pass over
+every expert, empty ones included, and the plan's bookkeeping) are a large part of the call; the
+:class:`~moe_ref.moe.MoE` layer takes this path on the CPU without autograd for at most
+``MoE.decode_max_tokens`` tokens.
 """
 
 from __future__ import annotations
@@ -28,7 +35,8 @@ import torch
 
 from . import _checks
 from .capacity import CapacityRecord
-from .experts import Experts
+from .experts import Experts, _matmul
+from .ffn import ffn_forward
 from .routing import Routing, router_float
 
 
@@ -151,3 +159,36 @@ def routed_naive(experts: Experts, x: torch.Tensor, routing: Routing, capacity: 
         weights = routing.combine_weights[token_ids, slots].unsqueeze(-1).to(out.dtype)
         out = out.index_add(0, token_ids, weights * experts.expert(e, x[token_ids]).to(out.dtype))
     return out
+
+
+def routed_decode(experts: Experts, x: torch.Tensor, routing: Routing, capacity: CapacityRecord | None = None,
+                  backend: str | None = None) -> torch.Tensor:
+    """Routed experts for a few tokens: sort, one plain matmul per projection per touched expert, combine.
+
+    ``[T, d] -> [T, d]`` float32 (float64 for float64), the same function as :func:`routed_grouped` (and the
+    same float result where the grouped backend computes each group with ``mm``, as the CPU backends do):
+    the pairs are sorted by expert (stable), each touched expert runs on its contiguous rows, and the
+    weighted rows are combined in slot order (:func:`combine_pairs`). Reads the group sizes on the host (a
+    synchronisation on a GPU), so the layer uses it only on the CPU. ``backend`` is ignored.
+    """
+    E, slots = routing.num_experts, routing.slots
+    flat = routing.expert_indices.reshape(-1)  # [T * slots], pair p = t * slots + j
+    mask = computed_mask(routing, capacity)
+    if mask is not None:
+        flat = flat.masked_fill(~mask.reshape(-1), E)  # dropped or padding pairs sort last, as expert E
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=E + 1).tolist()  # the one host read
+    A = len(order) - counts[E]
+    pair_ids = order[:A]
+    x_sorted = x.index_select(0, pair_ids // max(slots, 1))
+    ys, start = [], 0
+    for e in range(E):
+        n = counts[e]
+        if n:
+            w_up = None if experts.w_up is None else experts.w_up[e]
+            ys.append(ffn_forward(x_sorted[start:start + n], experts.act, experts.w_in[e], w_up, experts.w_out[e],
+                                  _matmul))
+            start += n
+    y_sorted = torch.cat(ys) if ys else x.new_zeros(0, x.shape[-1])
+    weights = routing.combine_weights.reshape(-1).index_select(0, pair_ids)
+    return combine_pairs(y_sorted, weights, pair_ids, routing.num_tokens, slots)

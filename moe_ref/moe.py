@@ -77,7 +77,7 @@ from torch import nn
 from . import _checks
 from .capacity import CapacityConfig, CapacityRecord, apply_capacity
 from .counting import MoEParams, moe_flops, moe_params
-from .dispatch import routed_grouped, routed_naive
+from .dispatch import routed_decode, routed_grouped, routed_naive
 from .experts import Experts
 from .ffn import FFN
 from .kernels.grouped_mm import check_backend
@@ -135,9 +135,16 @@ class MoE(nn.Module):
         aux_losses: the :class:`~moe_ref.losses.AuxLossConfig` (default: balance coefficient 0.01), kept as
             ``loss_config``.
         impl: ``"grouped"`` (default), ``"naive"``, ``"einsum"`` or ``"padded"``; all compute the same function.
+            ``"grouped"`` on the CPU without autograd and with at most :attr:`decode_max_tokens` tokens takes
+            the decode fast path, :func:`~moe_ref.dispatch.routed_decode` (same function, one plain matmul
+            per touched expert).
         backend: grouped-matmul backend of ``"grouped"`` (default: the best available).
         init_std: expert weight initialisation (see :class:`~moe_ref.experts.Experts`).
     """
+
+    #: Largest token count of a call that takes the decode fast path (CPU, ``impl="grouped"``, default backend,
+    #: no autograd); 0 turns the fast path off. Set on an instance to change it for one layer.
+    decode_max_tokens: int = 64
 
     def __init__(self, d_model: int, d_hidden: int, num_experts: int, k: int = 2, *, activation: str = "swiglu",
                  router: RouterConfig | str = "softmax", capacity: CapacityConfig | None = None,
@@ -231,7 +238,15 @@ class MoE(nn.Module):
         if torch.is_autocast_enabled(device) and x.dtype != torch.float64:
             x = x.to(torch.get_autocast_dtype(device))
         with torch.autocast(device, enabled=False):  # every implementation casts the same way, explicitly
+            if self._decoding(x):
+                return routed_decode(self.experts, x, routing, capacity)
             return IMPLS[self.impl](self.experts, x, routing, capacity, self.backend)
+
+    def _decoding(self, x: torch.Tensor) -> bool:
+        """Whether this call takes the decode fast path: few tokens on the CPU, the default grouped path, no
+        autograd (the per-expert loop reads the group sizes on the host: free on the CPU, a sync on a GPU)."""
+        return (self.impl == "grouped" and self.backend is None and x.device.type == "cpu"
+                and x.shape[0] <= self.decode_max_tokens and not torch.is_grad_enabled())
 
     def _record(self, routing: Routing, capacity: CapacityRecord | None, losses: dict,
                 aux: torch.Tensor | None) -> None:

@@ -16,6 +16,8 @@ with the same active parameters, all in float32 on the same input (:func:`bench_
 
 Each repetition times every candidate once, in an order that rotates from one repetition to the next, so a
 slow spell on a shared machine hits all of them; the table reports medians and ratios to ``moe_ref``.
+``decode``: one layer's forward at decode shapes, ``B = 1 .. 64`` tokens, against the same peers and two dense
+FFNs (:mod:`moe_ref.book.decode_bench`).
 ``gmm``: the grouped-matmul kernels alone, on a CUDA GPU, in bfloat16 (:func:`bench_gmm`): TFLOP/s of the
 forward and of forward + backward for the ``"triton"`` backend (``moe_ref.kernels.triton_gmm``),
 ``torch.nn.functional.grouped_mm``, a per-expert loop of ``torch.matmul``, and a dense GEMM of the same
@@ -45,7 +47,7 @@ import time
 import torch
 
 from ..ffn import FFN
-from . import ep_bench
+from . import decode_bench, ep_bench
 
 #: Candidate names of :func:`bench_layer`, in table order.
 LAYER_CANDIDATES = ("moe_ref", "hf_eager", "hf_grouped_mm", "dense", "moe_ref_padded")
@@ -389,7 +391,7 @@ def format_gmm(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """The command line: ``python -m moe_ref.bench {layer,gmm,ep} [options]``."""
+    """The command line: ``python -m moe_ref.bench {layer,gmm,ep,decode} [options]``."""
     parser = argparse.ArgumentParser(prog="python -m moe_ref.bench", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     layer = commands.add_parser("layer", help="MoE layer vs transformers' Mixtral block vs a dense FFN")
@@ -416,7 +418,12 @@ def main(argv: list[str] | None = None) -> dict:
     gmm.add_argument("--peak-bandwidth", type=float, default=None, help="peak memory bandwidth in TB/s")
     ep = commands.add_parser("ep", help="expert parallelism on CPU: per-rank compute and all-to-all time, W=1,2,4")
     ep_bench.add_arguments(ep)
+    decode = commands.add_parser("decode", help="MoE layer forward at decode shapes (1-64 tokens) vs transformers "
+                                                "and dense FFNs, 1 thread")
+    decode_bench.add_arguments(decode)
     args = parser.parse_args(argv)
+    if args.command == "decode":
+        return decode_bench.run(args, argv)
     if args.command == "ep":
         return ep_bench.run(args, argv)
     if args.command == "gmm":

@@ -36,8 +36,14 @@ _NUMBER = re.compile(r"[+\-−]?[\d,]*\.?\d+(e[+-]?\d+)?[%×]?")  # what a table
 
 def style() -> None:
     """Set matplotlib's defaults for the book: column width, ≥10 pt fonts, SVG output in Jupyter."""
+    import logging
+
     import matplotlib as mpl
 
+    # importing transformers' model code imports torchao when it is installed, which logs that its GPU kernels
+    # are not built for this machine (and torch's pytree a deprecation notice): harmless, kept off the page
+    for noisy in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     mpl.rcParams.update({
         "figure.figsize": (WIDTH, 3.6),
         "figure.dpi": 100,

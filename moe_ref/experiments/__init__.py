@@ -3,13 +3,16 @@
     python -m moe_ref.experiments experts --out chapters/data/experts.json
     python -m moe_ref.experiments variants --out chapters/data/variants.json
     python -m moe_ref.experiments upcycling --out chapters/data/upcycling.json
+    python -m moe_ref.experiments shrink --out chapters/data/shrink.json
 
 * ``experts``: MoE against dense at equal active FLOPs, E = 2 ... 32 experts, and the dense model of the
   8-expert model's total parameters (:mod:`~moe_ref.experiments.sweeps`);
 * ``variants``: top-1 against top-2, finer experts, a shared expert, expert choice
   (:mod:`~moe_ref.experiments.sweeps`);
 * ``upcycling``: a trained dense model turned into an MoE, against continuing it and against an MoE from
-  scratch, at equal added compute (:mod:`~moe_ref.experiments.upcycle`).
+  scratch, at equal added compute (:mod:`~moe_ref.experiments.upcycle`);
+* ``shrink``: the 8-expert MoE quantized, pruned, merged and distilled into a dense student
+  (:mod:`~moe_ref.experiments.shrink`).
 
 Each shows a progress line with an ETA, appends every finished unit to ``<out>.partial.jsonl`` and, when
 rerun with the same options after an interruption, resumes from there. ``--scale`` (default: the book's
@@ -26,12 +29,16 @@ from pathlib import Path
 
 from ..book.data import build_corpus
 from ..book.page import Progress
-from . import sweeps, upcycle
+from . import shrink, sweeps, upcycle
 from .arms import MODEL, PROBE, TRAIN, encode_tokens, probe_batch, run_arm
 from .results import SCHEMA, Partial, ResultsError, dumps, fingerprint, git_commit, load, provenance
 
-EXPERIMENTS = {"experts": sweeps.EXPERTS, "variants": sweeps.VARIANTS, "upcycling": upcycle.ARMS}
+EXPERIMENTS = {"experts": sweeps.EXPERTS, "variants": sweeps.VARIANTS, "upcycling": upcycle.ARMS,
+               "shrink": shrink.ARMS}
 """The experiments by name, each with its arms."""
+
+PER_SEED = {"upcycling": upcycle.run_seed, "shrink": shrink.run_seed}
+"""The experiments whose unit of work is one seed (all arms together), with the function that runs it."""
 
 RUN_KEYS = ("val_step", "val_loss", "val_loss_by_domain", "train_seconds", "seconds", "params",
             "flops_per_token", "routing", "agreement")
@@ -53,8 +60,8 @@ def settings(name: str, seeds: int = 3, scale: float = 1.0, arms: list | None = 
     unknown = [a for a in arms if a not in known]
     if unknown or not arms:
         raise ValueError(f"arms must be a non-empty list of {list(known)}, got {arms}")
-    if name == "upcycling" and arms != list(known):
-        raise ValueError("arms: the upcycling experiment runs all of its arms together")
+    if name in PER_SEED and arms != list(known):
+        raise ValueError(f"arms: the {name} experiment runs all of its arms together")
     train = dict(TRAIN, steps=max(1, round(TRAIN["steps"] * scale)),
                  eval_every=max(1, round(TRAIN["eval_every"] * scale)))
     return {"model": asdict(MODEL), "train": train, "seeds": list(range(seeds)), "scale": scale,
@@ -135,8 +142,8 @@ def _units_of(name: str, runs: list) -> dict:
 
 
 def _unit_key(name: str, arm: str, seed: int) -> str:
-    """A unit of work: one (arm, seed) run, or for upcycling all the arms of one seed."""
-    return f"seed={seed}" if name == "upcycling" else f"{arm}/seed={seed}"
+    """A unit of work: one (arm, seed) run, or for the per-seed experiments all the arms of one seed."""
+    return f"seed={seed}" if name in PER_SEED else f"{arm}/seed={seed}"
 
 
 def _units(name: str, config: dict) -> dict:
@@ -146,13 +153,15 @@ def _units(name: str, config: dict) -> dict:
     if name == "upcycling":
         per_seed = sum(upcycle.added_steps(config["train"]).values())
         return {_unit_key(name, None, seed): per_seed for seed in config["seeds"]}
+    if name in PER_SEED:
+        return {_unit_key(name, None, seed): steps * len(config["arms"]) for seed in config["seeds"]}
     return {_unit_key(name, arm, seed): steps for seed in config["seeds"] for arm in config["arms"]}
 
 
 def _run_unit(name: str, key: str, corpus, train: dict, device: str, probe, on_step) -> list[dict]:
-    if name == "upcycling":
+    if name in PER_SEED:
         seed = int(key.split("=")[1])
-        return upcycle.run_seed(seed, corpus, train, device, probe, on_step)
+        return PER_SEED[name](seed, corpus, train, device, probe, on_step)
     arm, seed = key.split("/seed=")
     record, _ = run_arm(arm, EXPERIMENTS[name][arm], int(seed), corpus, train, probe=probe, device=device,
                         on_step=on_step)
