@@ -126,6 +126,15 @@ def read_index(directory: str | os.PathLike) -> dict:
     return index
 
 
+def check_config(index: dict, layer: MoE, directory: Path) -> None:
+    """A ``ValueError`` naming every differing field unless the index records ``layer``'s configuration."""
+    saved, mine = index["metadata"].get("config") or {}, config_of(layer)
+    if saved != mine:
+        differ = sorted(key for key in set(mine) | set(saved) if saved.get(key) != mine.get(key))
+        raise ValueError(f"{directory / INDEX} holds another configuration: "
+                         + ", ".join(f"{key}={saved.get(key)!r} (layer: {mine.get(key)!r})" for key in differ))
+
+
 def load_sharded(layer: MoE, directory: str | os.PathLike) -> MoE:
     """Load a :func:`save_sharded` checkpoint into ``layer``, whatever world size wrote it; returns ``layer``.
 
@@ -160,11 +169,7 @@ def _agree(ep, *, failed: bool) -> bool:
 def _checked_state(layer: MoE, directory: Path) -> dict:
     """The state dict ``layer`` would load from ``directory``, every file, tensor and shape checked."""
     index = read_index(directory)
-    saved, mine = index["metadata"].get("config"), config_of(layer)
-    if saved != mine:
-        differ = sorted(key for key in set(mine) | set(saved or {}) if (saved or {}).get(key) != mine.get(key))
-        raise ValueError(f"{directory / INDEX} holds another configuration: "
-                         + ", ".join(f"{key}={(saved or {}).get(key)!r} (layer: {mine.get(key)!r})" for key in differ))
+    check_config(index, layer, directory)
     _, _, first, local = _layout(layer)
     current = layer.state_dict()
     wanted = {name: name for name in current if name not in _STACKED}

@@ -149,15 +149,26 @@ def routed_naive(experts: Experts, x: torch.Tensor, routing: Routing, capacity: 
     For each expert, find the (token, slot) pairs it computes, run it on those tokens and add its weighted
     output to theirs. Every expert runs, even on no tokens, so the output always has a gradient path.
     """
+    return loop_over_experts(experts.expert, x, routing, capacity, range(routing.num_experts))
+
+
+def loop_over_experts(run_expert, x: torch.Tensor, routing: Routing, capacity: CapacityRecord | None,
+                      expert_ids) -> torch.Tensor:
+    """The loop of :func:`routed_naive` over ``expert_ids``: ``run_expert(e, rows)`` on each expert's computed
+    rows, weighted and added into its tokens' output. ``[T, d] -> [T, d]`` float32 (float64 for float64).
+
+    :func:`routed_naive` runs every expert; the offloaded layer (:mod:`moe_ref.offload`) only the touched
+    ones, with weights fetched from its cache.
+    """
     mask = computed_mask(routing, capacity)
     out = x.new_zeros(x.shape, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
-    for e in range(routing.num_experts):
+    for e in expert_ids:
         selected = routing.expert_indices == e
         if mask is not None:
             selected = selected & mask
         token_ids, slots = torch.nonzero(selected, as_tuple=True)
         weights = routing.combine_weights[token_ids, slots].unsqueeze(-1).to(out.dtype)
-        out = out.index_add(0, token_ids, weights * experts.expert(e, x[token_ids]).to(out.dtype))
+        out = out.index_add(0, token_ids, weights * run_expert(e, x[token_ids]).to(out.dtype))
     return out
 
 
@@ -171,24 +182,14 @@ def routed_decode(experts: Experts, x: torch.Tensor, routing: Routing, capacity:
     weighted rows are combined in slot order (:func:`combine_pairs`). Reads the group sizes on the host (a
     synchronisation on a GPU), so the layer uses it only on the CPU. ``backend`` is ignored.
     """
-    E, slots = routing.num_experts, routing.slots
-    flat = routing.expert_indices.reshape(-1)  # [T * slots], pair p = t * slots + j
-    mask = computed_mask(routing, capacity)
-    if mask is not None:
-        flat = flat.masked_fill(~mask.reshape(-1), E)  # dropped or padding pairs sort last, as expert E
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=E + 1).tolist()  # the one host read
-    A = len(order) - counts[E]
-    pair_ids = order[:A]
-    x_sorted = x.index_select(0, pair_ids // max(slots, 1))
+    plan = sort_by_expert(routing, capacity)
+    x_sorted = permute(x, plan)
     ys, start = [], 0
-    for e in range(E):
-        n = counts[e]
+    for e, n in enumerate(plan.tokens_per_expert.tolist()):  # the one host read
         if n:
             w_up = None if experts.w_up is None else experts.w_up[e]
             ys.append(ffn_forward(x_sorted[start:start + n], experts.act, experts.w_in[e], w_up, experts.w_out[e],
                                   _matmul))
             start += n
     y_sorted = torch.cat(ys) if ys else x.new_zeros(0, x.shape[-1])
-    weights = routing.combine_weights.reshape(-1).index_select(0, pair_ids)
-    return combine_pairs(y_sorted, weights, pair_ids, routing.num_tokens, slots)
+    return combine(y_sorted, plan, x.shape[0])

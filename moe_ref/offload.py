@@ -44,8 +44,9 @@ from torch import nn
 from . import _checks
 from .activations import activation_fn
 from .capacity import CapacityRecord
-from .checkpoint import INDEX, _expert_name, _read, config_of, read_index, save_sharded
-from .dispatch import computed_mask
+from .checkpoint import INDEX, _expert_name, _read, check_config, read_index, save_sharded
+from .dispatch import computed_mask, loop_over_experts
+from .experts import _matmul  # Experts.expert's matmul, so the result is bit-identical
 from .ffn import ffn_forward
 from .moe import MoE
 from .routing import Routing
@@ -55,10 +56,6 @@ POLICIES = ("lru", "fifo", "random")
 """Eviction policies of :class:`ExpertCache`."""
 
 _WEIGHTS = ("w_in", "w_up", "w_out")
-
-
-def _matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return x @ w.to(x.dtype)  # the same op as Experts.expert's, so the result is bit-identical
 
 
 # --------------------------------------------------------------------------------------------------- disk
@@ -81,11 +78,7 @@ class ExpertStore:
             raise TypeError(f"layer must be an MoE, got {type(layer).__name__}")
         self.directory = Path(directory)
         index = read_index(self.directory)
-        saved, mine = index["metadata"].get("config"), config_of(layer)
-        if saved != mine:
-            differ = sorted(k for k in set(mine) | set(saved or {}) if (saved or {}).get(k) != mine.get(k))
-            raise ValueError(f"{self.directory / INDEX} holds another configuration: " + ", ".join(
-                f"{k}={(saved or {}).get(k)!r} (layer: {mine.get(k)!r})" for k in differ))
+        check_config(index, layer, self.directory)
         self.num_experts = layer.num_experts
         experts = layer.experts
         self.names = [w for w in _WEIGHTS if getattr(experts, w) is not None]
@@ -427,17 +420,12 @@ class OffloadedMoE(nn.Module):
         touched = torch.unique(chosen).tolist()  # sorted: the naive loop's order
         self._score_prediction(touched)
         self.last_touched = touched
-        out = x.new_zeros(x.shape, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
-        for e in touched:
-            w = self.cache.get(e)
-            selected = routing.expert_indices == e
-            if mask is not None:
-                selected = selected & mask
-            token_ids, slots = torch.nonzero(selected, as_tuple=True)
-            weights = routing.combine_weights[token_ids, slots].unsqueeze(-1).to(out.dtype)
-            y = ffn_forward(x[token_ids], self.act, w["w_in"], w.get("w_up"), w["w_out"], _matmul)
-            out = out.index_add(0, token_ids, weights * y.to(out.dtype))
-        return out
+
+        def run_expert(e: int, rows: torch.Tensor) -> torch.Tensor:
+            w = self.cache.get(e)  # fetched right before use, so even cache_size=1 works
+            return ffn_forward(rows, self.act, w["w_in"], w.get("w_up"), w["w_out"], _matmul)
+
+        return loop_over_experts(run_expert, x, routing, capacity, touched)
 
     def _score_prediction(self, touched: list[int]) -> None:
         if self._prediction is None:
