@@ -2,12 +2,14 @@
 #   make book   install into .venv, then render the book to _build/html
 #   make test   install into .venv, then pytest tests/ and nbval over every notebook in chapters/
 #   make check-site   build the book, then load every page in headless Chromium (see tests/check_site.py)
+#   make gpu-check    on one CUDA GPU: the prepared check (python -m moe_ref.bench gpu, < 8 min), results
+#                     in chapters/data/gpu_results.json (python -m moe_ref.bench gpu --dry-run: its CPU plumbing)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install book mathjax check-site test test-py test-nb clean
+.PHONY: install book mathjax check-site test test-py test-nb gpu-check clean
 
 install: $(STAMP)
 
@@ -49,6 +51,10 @@ test-py: $(STAMP)
 
 test-nb: $(STAMP)
 	$(INTERPRET) $(BIN)/python -m pytest chapters --nbval-lax --nbval-current-env -p no:cacheprovider
+
+# Needs a CUDA GPU (exits with status 2 without one); the kernels run natively, TRITON_INTERPRET is not set.
+gpu-check: $(STAMP)
+	$(BIN)/python -m moe_ref.bench gpu --out chapters/data/gpu_results.json
 
 clean:
 	rm -rf _build

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from moe_ref.book.bench import DEFAULT_CANDIDATES, LAYER_CANDIDATES, bench_layer, format_layer, main
 
@@ -43,11 +44,56 @@ def test_default_candidates_and_moe_ref_always_first():
 def test_cli_writes_json(tmp_path, capsys):
     path = tmp_path / "out.json"
     main(["layer", "--d-model", "16", "--d-hidden", "32", "--experts", "4", "--tokens", "16", "--reps", "1",
-          "--warmup", "0", "--threads", "1", "--candidates", "moe_ref", "dense", "--json", str(path)])
+          "--warmup", "0", "--threads", "1", "--candidates", "moe_ref", "dense", "--runs", "2",
+          "--decode-batches", "1", "4", "--decode-copies", "2", "--decode-reps", "1", "--profile",
+          "--json", str(path)])
     data = json.loads(path.read_text())
-    assert list(data["results"]) == ["moe_ref", "dense"] and data["env"]["threads"] == 1
-    assert data["config"]["d_model"] == 16 and data["config"]["tokens"] == 16
-    assert "moe_ref" in capsys.readouterr().out
+    assert data["experiment"] == "layer_bench" and data["provenance"]["command"].startswith("python -m moe_ref")
+    assert len(data["runs"]) == 2
+    for run in data["runs"]:
+        assert list(run["results"]) == ["moe_ref", "dense"] and run["env"]["threads"] == 1
+        assert run["config"]["d_model"] == 16 and run["config"]["tokens"] == 16
+        assert run["targets"]["vs_dense"] == pytest.approx(1 / run["results"]["dense"]["ratio"])
+        assert run["targets"]["vs_hf"] is None  # no transformers candidate was run
+    assert [row["batch"] for row in data["decode"]["rows"]] == [1, 4] and data["decode"]["config"]["copies"] == 2
+    assert set(data["profile"]["profiles"]) == {"moe_ref", "dense"}
+    out = capsys.readouterr().out
+    assert "moe_ref / dense FFN" in out and "run 2 of 2" in out and "python, dispatch" in out
+
+
+def test_training_targets_on_hand_made_numbers():
+    from moe_ref.book.layer_bench import format_targets, training_targets
+
+    def result(**ms):
+        return {"results": {name: {"median_ms": v, "ratio": v / ms["moe_ref"]} for name, v in ms.items()}}
+
+    t = training_targets(result(moe_ref=105.0, dense=100.0, hf_eager=150.0, hf_grouped_mm=110.0))
+    assert t["vs_dense"] == pytest.approx(1.05) and t["dense_met"]
+    assert t["best_hf"] == "hf_grouped_mm" and t["vs_hf"] == pytest.approx(105 / 110) and t["hf_met"]
+    t = training_targets(result(moe_ref=111.0, dense=100.0, hf_grouped_mm=100.0))
+    assert not t["dense_met"] and not t["hf_met"]
+    assert "1.110 (target <= 1.10: not met)" in format_targets(t)
+
+
+def test_profile_groups_sum_to_the_wall_time():
+    from moe_ref.book.layer_profile import GROUP_ORDER, profile_step
+
+    class Gather(torch.nn.Module):  # a matmul and a gather, nothing else of size
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(64, 64))
+
+        def forward(self, x):
+            return (x @ self.w).index_select(0, torch.arange(x.shape[0] - 1, -1, -1))
+
+    x = torch.randn(256, 64, requires_grad=True)
+    p = profile_step(Gather(), x, torch.randn(256, 64), steps=2)
+    assert list(p["groups"]) == list(GROUP_ORDER)
+    assert sum(p["groups"].values()) == pytest.approx(p["wall_ms"], rel=1e-6)
+    assert p["groups"]["matmuls"] > 0 and p["groups"]["gather, scatter, copy"] > 0
+    assert "mm" in p["ops"] and "index_select" in p["ops"]
+    with pytest.raises(ValueError, match="steps"):
+        profile_step(Gather(), x, x, steps=0)
 
 
 def test_module_entry_point():

@@ -226,6 +226,22 @@ def test_decode_bench_command_writes_results_with_provenance(tmp_path):
     row = result["rows"][0]
     assert set(row["candidates"]) == {"moe_ref", "moe_ref_grouped", "dense_active"}
     assert 1 <= row["touched"] <= 2 and row["max_abs_diff"] < 1e-6 and row["hf_best"] is None
+    from moe_ref.book.decode_bench import bench_decode
     with pytest.raises(ValueError, match="candidates"):
-        from moe_ref.book.decode_bench import bench_decode
         bench_decode(candidates=("nope",))
+    with pytest.raises(ValueError, match="copies"):
+        bench_decode(candidates=("moe_ref",), copies=0)
+    cold = bench_decode(16, 8, 4, 2, batches=(2,), reps=1, inner=1, warmup=0, candidates=("moe_ref",), copies=3)
+    assert cold["config"]["copies"] == 3 and cold["rows"][0]["candidates"]["moe_ref"]["ms"] > 0
+
+
+def test_decode_timer_runs_every_copy_and_reports_per_layer():
+    calls = []
+    layers = [lambda x, i=i: calls.append(i) for i in range(3)]
+    assert _time_per_layer(layers, calls) >= 0
+    assert calls == [0, 1, 2] * 4  # inner=4 passes through the three copies, in turn
+
+
+def _time_per_layer(layers, calls):
+    from moe_ref.book.decode_bench import _time
+    return _time(layers, None, 4)

@@ -73,7 +73,7 @@ def test_default_backend():
     x, w = torch.randn(4, 3, dtype=torch.float64), torch.randn(2, 3, 5, dtype=torch.float64)
     out = grouped_mm(x, w, offsets_of([1, 3]))  # float64 falls back to the loop
     torch.testing.assert_close(out, reference(x, w, [1, 3]))
-    with pytest.raises(TypeError, match="does not support dtype torch.float64"):
+    with pytest.raises(ValueError, match="backend='torch' cannot run dtype torch.float64 on device cpu"):
         grouped_mm(x, w, offsets_of([1, 3]), backend="torch")
 
 
@@ -131,3 +131,16 @@ def test_backend_names_and_top_level_function():
     with pytest.raises(ValueError, match="backend must be one of"):
         check_backend("cutlass")
     assert default_backend(torch.float32, "cpu") == "torch" and default_backend(torch.float64, "cpu") == "loop"
+
+
+def test_default_follows_the_measured_table(monkeypatch):
+    import sys
+    gm = sys.modules["moe_ref.kernels.grouped_mm"]
+    assert [row.backend for row in gm.DEFAULT_BACKENDS if row.device == "cuda"] == []  # nothing measured on a GPU
+    assert all(row.evidence for row in gm.DEFAULT_BACKENDS)
+    rows = (gm.MeasuredDefault("cpu", "", torch.bfloat16, "triton", "a row the CPU cannot run: skipped"),
+            gm.MeasuredDefault("cpu", "", torch.float32, "loop", "hand-made row for the test"))
+    monkeypatch.setattr(gm, "DEFAULT_BACKENDS", rows)
+    assert default_backend(torch.float32, "cpu") == "loop"  # the first matching row wins
+    assert default_backend(torch.bfloat16, "cpu") == "torch"  # its row names a backend that cannot run it
+    assert default_backend(torch.float64, "cpu") == "loop"  # no row: the fallback

@@ -154,8 +154,9 @@ def test_availability_and_default():
     if DEVICE == "cpu":  # the CPU default is unchanged by the triton backend
         assert default_backend(torch.float32, "cpu") == "torch"
         assert default_backend(torch.float64, "cpu") == "loop"
-    elif torch.cuda.get_device_capability()[0] >= 8:
-        assert default_backend(torch.bfloat16, "cuda") == "triton"
+    else:  # no GPU measurement in DEFAULT_BACKENDS yet: the kernel is never the default before one
+        assert default_backend(torch.bfloat16, "cuda") != "triton"
+        assert default_backend(torch.float16, "cuda") == "loop"
 
 
 X, W = torch.randn(10, 4, device=DEVICE), torch.randn(3, 4, 5, device=DEVICE)
@@ -168,8 +169,8 @@ X, W = torch.randn(10, 4, device=DEVICE), torch.randn(3, 4, 5, device=DEVICE)
     (X, W, torch.tensor([3.0, 5.0, 10.0]), TypeError, "offsets must be an integer tensor"),
     (X, torch.randn(3, 6, 5), torch.tensor([3, 5, 10], dtype=torch.int32), ValueError, "inner dimensions"),
     (X, W.half(), torch.tensor([3, 5, 10], dtype=torch.int32), TypeError, "same dtype"),
-    (X.double(), W.double(), torch.tensor([3, 5, 10], dtype=torch.int32), TypeError,
-     "triton' supports float32, float16 and bfloat16"),
+    (X.double(), W.double(), torch.tensor([3, 5, 10], dtype=torch.int32), ValueError,
+     f"backend='triton' cannot run dtype torch.float64 on device {DEVICE}"),
 ])
 def test_bad_inputs(x, w, offsets, error, match):
     with pytest.raises(error, match=match):
@@ -197,16 +198,30 @@ def test_clear_errors_without_triton_or_interpreter(monkeypatch):
     gm = sys.modules["moe_ref.kernels.grouped_mm"]  # the module (the package attribute is the function)
     x, w, offsets = torch.randn(4, 3), torch.randn(2, 3, 5), torch.tensor([1, 4], dtype=torch.int32)
     monkeypatch.setattr(gm, "triton_installed", lambda: False)
-    with pytest.raises(RuntimeError, match="needs the triton package"):
+    with pytest.raises(ValueError, match="backend='triton' cannot run dtype torch.float32 on device cpu: the "
+                                         "triton package is not installed .*; use backend='torch' or None"):
         grouped_mm(x, w, offsets, backend="triton")
     monkeypatch.undo()
     if DEVICE == "cpu":  # the interpreter's tl.dot is wrong for bfloat16: refused rather than computed
         assert not triton_backend_available(torch.bfloat16, "cpu")
-        with pytest.raises(TypeError, match="does not support bfloat16"):
+        with pytest.raises(ValueError, match="dtype torch.bfloat16 on device cpu: Triton's CPU interpreter gives "
+                                             "wrong results"):
             grouped_mm(x.bfloat16(), w.bfloat16(), offsets, backend="triton")
+        with pytest.raises(ValueError, match="dtype torch.bfloat16 on device cpu"):  # the kernel's own check
+            grouped_mm_triton(x.bfloat16(), w.bfloat16(), offsets)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(RuntimeError, match="CPU tensors under Triton's interpreter"):
+    with pytest.raises(ValueError, match="backend='triton' cannot run dtype torch.float32 on device cpu: on the "
+                                         "CPU it runs only under Triton's interpreter"):
         grouped_mm(x, w, offsets, backend="triton")
+    moe = MoE(4, 8, 2, 1, backend="triton")  # a layer forced onto the backend fails the same way, at forward
+    with pytest.raises(ValueError, match="backend='triton' cannot run dtype torch.float32 on device cpu"):
+        moe(torch.randn(3, 4))
+
+
+def test_autotune_key_includes_rows():
+    from moe_ref.kernels import triton_gmm
+    assert triton_gmm._gmm_kernel.keys[-1] == triton_gmm._gmm_dw_kernel.keys[-1] == "M_BUCKET"
+    assert [triton_gmm.m_bucket(m) for m in (0, 1, 3, 64, 65, 4096, 10 ** 6)] == [1, 1, 4, 64, 128, 4096, 65536]
 
 
 def test_import_moe_ref_does_not_import_triton():

@@ -15,7 +15,10 @@ with the same active parameters, all in float32 on the same input (:func:`bench_
   padded to the busiest expert, one ``torch.bmm`` per projection instead of one matmul per expert.
 
 Each repetition times every candidate once, in an order that rotates from one repetition to the next, so a
-slow spell on a shared machine hits all of them; the table reports medians and ratios to ``moe_ref``.
+slow spell on a shared machine hits all of them; the table reports medians and ratios to ``moe_ref``. The
+command also times decode shapes (forward only, a few tokens, weights from memory) and, with ``--profile``,
+splits the training step's time by operator group, and prints the CPU targets with each
+(:mod:`moe_ref.book.layer_bench`).
 ``decode``: one layer's forward at decode shapes, ``B = 1 .. 64`` tokens, against the same peers and two dense
 FFNs (:mod:`moe_ref.book.decode_bench`).
 ``gmm``: the grouped-matmul kernels alone, on a CUDA GPU, in bfloat16 (:func:`bench_gmm`): TFLOP/s of the
@@ -25,12 +28,17 @@ FLOPs, on the up and down projections of Mixtral-8x7B (16k tokens, top-2 of 8 ex
 and of a fine-grained MoE (64 experts, top-8, d=2048, d_ff=1408). Times come from
 ``triton.testing.do_bench``. It writes a JSON file and a PNG plot (with a roofline when the peak FLOP/s and
 bandwidth are given) and refuses to run without CUDA: there are no CPU numbers for it.
+``gpu``: the prepared check of one CUDA GPU in under 8 minutes (``moe_ref.book.gpu_check``): the Triton
+backend's correctness in float32, float16 and bfloat16 against float64, the ``gmm`` benchmark, the layer against
+``transformers`` in bfloat16, chapters 5 and 6 under nbval; one JSON file with provenance and a suggested
+default backend. ``--dry-run`` checks its plumbing on the CPU with tiny shapes in seconds.
 
 Example::
 
-    python -m moe_ref.bench layer --tokens 2048 --reps 20 --json results.json
+    python -m moe_ref.bench layer --runs 2 --reps 20 --profile --json chapters/data/layer_bench.json
     python -m moe_ref.bench gmm --json gmm.json --plot gmm.png \\
         --peak-tflops 989 --peak-bandwidth 4.8
+    python -m moe_ref.bench gpu --out chapters/data/gpu_results.json
 """
 
 from __future__ import annotations
@@ -47,7 +55,7 @@ import time
 import torch
 
 from ..ffn import FFN
-from . import decode_bench, ep_bench
+from . import decode_bench, ep_bench, gpu_check, layer_bench
 
 #: Candidate names of :func:`bench_layer`, in table order.
 LAYER_CANDIDATES = ("moe_ref", "hf_eager", "hf_grouped_mm", "dense", "moe_ref_padded")
@@ -215,6 +223,8 @@ def format_layer(result: dict) -> str:
 GMM_SHAPES = {
     "mixtral-8x7b": dict(tokens=16384, k=2, experts=8, d_model=4096, d_ff=14336),
     "fine-grained-64x8": dict(tokens=16384, k=8, experts=64, d_model=2048, d_ff=1408),
+    "fine-grained-256x8": dict(tokens=16384, k=8, experts=256, d_model=7168, d_ff=2048),  # DeepSeek-V3's routed
+    "mixtral-decode-32": dict(tokens=32, k=2, experts=8, d_model=4096, d_ff=14336),  # one decode step, 32 sequences
 }
 #: Candidate names of :func:`bench_gmm`, in table order.
 GMM_CANDIDATES = ("triton", "torch", "loop", "dense")
@@ -249,8 +259,9 @@ def gpu_environment() -> dict:
 
 def bench_gmm(shapes: tuple[str, ...] = tuple(GMM_SHAPES), candidates: tuple[str, ...] = GMM_CANDIDATES, *,
               tokens: int | None = None, backward: bool = True, warmup_ms: int = 25, rep_ms: int = 100,
-              seed: int = 0) -> dict:
-    """TFLOP/s of grouped matmuls on the current CUDA GPU, in bfloat16.
+              seed: int = 0, device: str = "cuda", dtype: torch.dtype = torch.bfloat16, timer=None,
+              shape_table: dict | None = None, verbose: bool = True) -> dict:
+    """TFLOP/s of grouped matmuls on the current CUDA GPU, in bfloat16 (by default).
 
     Args:
         shapes: names in :data:`GMM_SHAPES`.
@@ -261,29 +272,45 @@ def bench_gmm(shapes: tuple[str, ...] = tuple(GMM_SHAPES), candidates: tuple[str
         backward: also time forward + backward (``dX`` and ``dW``; counted as ``3 * 2 M K N`` FLOPs).
         warmup_ms, rep_ms: passed to ``triton.testing.do_bench``.
         seed: the random routing behind the group sizes (:func:`random_group_sizes`).
+        device, dtype: where and in what to run. Off CUDA (the CPU plumbing check of
+            ``moe_ref.book.gpu_check``: float32 or float16, ``"triton"`` under Triton's interpreter) a
+            ``timer`` is required, and the times say nothing about a GPU.
+        timer: ``timer(fn) -> milliseconds``; default ``triton.testing.do_bench`` (median) with ``warmup_ms``
+            and ``rep_ms``.
+        shape_table: where ``shapes`` are looked up (default :data:`GMM_SHAPES`).
+        verbose: print a line per measurement.
 
     Returns:
-        ``{"config", "env", "results"}``: ``env`` from :func:`gpu_environment`; ``results`` a list of dicts
+        ``{"config", "env", "results"}``: ``env`` from :func:`gpu_environment` (:func:`environment` off CUDA);
+        ``results`` a list of dicts
         with ``shape``, ``projection``, ``M``, ``K``, ``N``, ``E``, ``candidate``, ``mode`` (``"forward"`` or
         ``"forward+backward"``), ``ms`` (median) and ``tflops``.
 
     Raises:
-        RuntimeError: without CUDA.
+        RuntimeError: ``device`` is CUDA and there is none.
+        ValueError: unknown shapes or candidates, or no ``timer`` off CUDA.
     """
-    if not torch.cuda.is_available():
+    device = torch.device(device)
+    shape_table = GMM_SHAPES if shape_table is None else shape_table
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("the gmm benchmark needs a CUDA GPU; none is visible to torch, so no numbers are "
                            "produced (the kernels can be checked on CPU under TRITON_INTERPRET=1 with pytest)")
-    import triton.testing
+    if device.type != "cuda" and timer is None:
+        raise ValueError(f"timer is required on {device.type}: triton.testing.do_bench needs a GPU")
+    if timer is None:
+        import triton.testing
+
+        def timer(fn):
+            return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
     from ..kernels.grouped_mm import grouped_mm
 
-    unknown = (set(shapes) - set(GMM_SHAPES)) | (set(candidates) - set(GMM_CANDIDATES))
+    unknown = (set(shapes) - set(shape_table)) | (set(candidates) - set(GMM_CANDIDATES))
     if unknown:
-        raise ValueError(f"unknown shapes or candidates {sorted(unknown)}; shapes: {tuple(GMM_SHAPES)}, "
+        raise ValueError(f"unknown shapes or candidates {sorted(unknown)}; shapes: {tuple(shape_table)}, "
                          f"candidates: {GMM_CANDIDATES}")
-    device, dtype = torch.device("cuda"), torch.bfloat16
     results = []
     for shape_name in shapes:
-        shape = dict(GMM_SHAPES[shape_name])
+        shape = dict(shape_table[shape_name])
         if tokens is not None:
             shape["tokens"] = tokens
         counts = random_group_sizes(shape["tokens"], shape["k"], shape["experts"], seed)
@@ -314,18 +341,22 @@ def bench_gmm(shapes: tuple[str, ...] = tuple(GMM_SHAPES), candidates: tuple[str
                         fn(x, w).backward(dy)
                     modes.append(("forward+backward", 3, fwd_bwd))
                 for mode, factor, call in modes:
-                    ms = triton.testing.do_bench(call, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+                    ms = timer(call)
                     results.append(dict(shape=shape_name, **{k: p[k] for k in ("projection", "M", "K", "N", "E")},
                                         candidate=name, mode=mode, ms=ms, tflops=factor * p["flops"] / ms / 1e9))
-                    print(f"{shape_name:<18}{p['projection']:<6}{name:<8}{mode:<18}{ms:>9.3f} ms "
-                          f"{results[-1]['tflops']:>8.1f} TFLOP/s", flush=True)
+                    if verbose:
+                        print(f"{shape_name:<18}{p['projection']:<6}{name:<8}{mode:<18}{ms:>9.3f} ms "
+                              f"{results[-1]['tflops']:>8.1f} TFLOP/s", flush=True)
             del x, w, dense_w, dy
-            torch.cuda.empty_cache()
-    config = dict(shapes={s: GMM_SHAPES[s] if tokens is None else {**GMM_SHAPES[s], "tokens": tokens}
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    config = dict(shapes={s: shape_table[s] if tokens is None else {**shape_table[s], "tokens": tokens}
                           for s in shapes},
-                  candidates=list(candidates), dtype="bfloat16", backward=backward, warmup_ms=warmup_ms,
-                  rep_ms=rep_ms, seed=seed)
-    return dict(config=config, env=gpu_environment(), results=results)
+                  candidates=list(candidates), dtype=str(dtype).removeprefix("torch."), backward=backward,
+                  warmup_ms=warmup_ms, rep_ms=rep_ms, seed=seed)
+    if device.type != "cuda":
+        config.update(device=device.type, timer=getattr(timer, "__name__", "custom"))
+    return dict(config=config, env=gpu_environment() if device.type == "cuda" else environment(), results=results)
 
 
 def roofline_tflops(M: int, K: int, N: int, E: int, peak_tflops: float, peak_bandwidth_tbs: float,
@@ -391,21 +422,12 @@ def format_gmm(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """The command line: ``python -m moe_ref.bench {layer,gmm,ep,decode} [options]``."""
+    """The command line: ``python -m moe_ref.bench {layer,gmm,ep,decode,gpu} [options]``."""
     parser = argparse.ArgumentParser(prog="python -m moe_ref.bench", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    layer = commands.add_parser("layer", help="MoE layer vs transformers' Mixtral block vs a dense FFN")
-    layer.add_argument("--d-model", type=int, default=512)
-    layer.add_argument("--d-hidden", type=int, default=1024, help="hidden width of each expert")
-    layer.add_argument("--experts", type=int, default=8)
-    layer.add_argument("--k", type=int, default=2)
-    layer.add_argument("--tokens", type=int, default=2048)
-    layer.add_argument("--reps", type=int, default=10)
-    layer.add_argument("--warmup", type=int, default=2)
-    layer.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    layer.add_argument("--seed", type=int, default=0)
-    layer.add_argument("--candidates", nargs="+", default=list(DEFAULT_CANDIDATES), choices=LAYER_CANDIDATES)
-    layer.add_argument("--json", metavar="PATH", default=None, help="also write the result as JSON")
+    layer = commands.add_parser("layer", help="the CPU targets: MoE layer vs transformers' Mixtral block vs a dense "
+                                              "FFN, training and decode shapes")
+    layer_bench.add_arguments(layer)
     gmm = commands.add_parser("gmm", help="grouped-matmul kernels (triton, torch, loop, dense) on a CUDA GPU")
     gmm.add_argument("--shapes", nargs="+", default=list(GMM_SHAPES), choices=list(GMM_SHAPES))
     gmm.add_argument("--candidates", nargs="+", default=list(GMM_CANDIDATES), choices=GMM_CANDIDATES)
@@ -421,7 +443,12 @@ def main(argv: list[str] | None = None) -> dict:
     decode = commands.add_parser("decode", help="MoE layer forward at decode shapes (1-64 tokens) vs transformers "
                                                 "and dense FFNs, 1 thread")
     decode_bench.add_arguments(decode)
+    gpu = commands.add_parser("gpu", help="prepared check of one CUDA GPU (<8 min): triton correctness, gmm and "
+                                          "layer benchmarks, chapters 5-6; --dry-run checks it on the CPU")
+    gpu_check.add_arguments(gpu)
     args = parser.parse_args(argv)
+    if args.command == "gpu":
+        return gpu_check.run(args, argv)
     if args.command == "decode":
         return decode_bench.run(args, argv)
     if args.command == "ep":
@@ -438,14 +465,7 @@ def main(argv: list[str] | None = None) -> dict:
         plot_gmm(result, args.plot, peak_tflops=args.peak_tflops, peak_bandwidth_tbs=args.peak_bandwidth)
         print(f"wrote {args.json} and {args.plot}")
         return result
-    result = bench_layer(args.d_model, args.d_hidden, args.experts, args.k, args.tokens, reps=args.reps,
-                         warmup=args.warmup, threads=args.threads, seed=args.seed,
-                         candidates=tuple(args.candidates))
-    print(format_layer(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    return layer_bench.run(args, argv)
 
 
 if __name__ == "__main__":

@@ -18,9 +18,14 @@ candidate once, in an order that rotates), float32 on the CPU:
 Each timed sample is ``inner`` consecutive calls (a single call of ~0.1 ms is below the timer's
 resolution for a fair median); ``tokens_per_s = B / (median seconds per call)``. On a shared machine the
 fastest sample (``min_ms``) is the less disturbed estimate of a candidate's own cost; the record keeps both,
-and the ratio to the peer on both (``ratio_hf_best``, ``ratio_hf_best_min``). The inner calls reuse one
-input, so the touched experts' weights may stay in the last-level cache between them; a real model's other
-layers would evict them, so the memory floor below is the relevant bound for a whole model.
+and the ratio to the peer on both (``ratio_hf_best``, ``ratio_hf_best_min``).
+
+**Hot or cold weights.** With ``copies=1`` (the default) the inner calls reuse one layer, so the touched
+experts' weights may stay in the last-level cache between calls. A model's other layers evict them: with
+``copies=L`` every candidate is ``L`` independent copies of its layer (the same weights, in different memory),
+and each call runs the input through all of them in turn, as a decode step runs through a model's ``L``
+layers; the time reported is per layer. Once the copies' weights exceed the last-level cache, every layer
+reads its experts from memory, and the memory floor below is the bound that applies.
 
 Next to the times, the record holds what bounds them from below: the distinct experts the router touched
 (``touched``), the bytes of weights a call must read (``touched`` experts' matrices plus the router; the
@@ -59,16 +64,19 @@ def read_bandwidth(mib: int = 256, reps: int = 5) -> float:
     return x.numel() * 4 / best / 1e9
 
 
-def _time(module, x, inner: int) -> float:
+def _time(layers: list, x, inner: int) -> float:
+    """Seconds per layer call: ``inner`` passes of ``x`` through every layer of ``layers`` in turn."""
     start = time.perf_counter()
     for _ in range(inner):
-        module(x)
-    return (time.perf_counter() - start) / inner
+        for layer in layers:
+            layer(x)
+    return (time.perf_counter() - start) / (inner * len(layers))
 
 
 def bench_decode(d_model: int = 512, d_hidden: int = 1024, num_experts: int = 8, k: int = 2, *,
                  batches: tuple[int, ...] = DECODE_BATCHES, reps: int = 15, inner: int = 10, warmup: int = 2,
-                 threads: int | None = 1, seed: int = 0, candidates: tuple[str, ...] = DECODE_CANDIDATES) -> dict:
+                 threads: int | None = 1, seed: int = 0, candidates: tuple[str, ...] = DECODE_CANDIDATES,
+                 copies: int = 1) -> dict:
     """Forward time per call of the MoE layer and its baselines at ``B`` tokens, for each ``B`` in ``batches``.
 
     Args:
@@ -82,6 +90,8 @@ def bench_decode(d_model: int = 512, d_hidden: int = 1024, num_experts: int = 8,
         candidates: a subset of :data:`DECODE_CANDIDATES` (``moe_ref`` is always run). Without the
             ``hf_*`` ones, ``transformers`` is not imported and ``moe_ref`` is a plain seeded
             :class:`~moe_ref.moe.MoE` of the same shape (Mixtral's softmax top-``k`` router, no auxiliary loss).
+        copies: layers per candidate, each call running through all of them (``1``: hot weights, the same
+            layer every call; more: cold weights, see the module docstring).
 
     Returns:
         ``{"config", "env", "bandwidth_gbs", "rows"}``: one row per ``B`` with ``touched`` (distinct experts
@@ -99,7 +109,7 @@ def bench_decode(d_model: int = 512, d_hidden: int = 1024, num_experts: int = 8,
         raise ValueError(f"candidates must be among {DECODE_CANDIDATES}, got {sorted(unknown)}")
     names = [n for n in DECODE_CANDIDATES if n in candidates or n == "moe_ref"]
     batches = tuple(_checks.positive_int("batch", b) for b in batches)
-    for name, value, minimum in (("reps", reps, 1), ("inner", inner, 1), ("warmup", warmup, 0)):
+    for name, value, minimum in (("reps", reps, 1), ("inner", inner, 1), ("warmup", warmup, 0), ("copies", copies, 1)):
         _checks.positive_int(name, value, minimum=minimum)
     previous = torch.get_num_threads()
     if threads is not None:
@@ -124,6 +134,8 @@ def bench_decode(d_model: int = 512, d_hidden: int = 1024, num_experts: int = 8,
             modules["dense_active"] = FFN(d_model, k * d_hidden).eval()
         if "dense_total" in names:
             modules["dense_total"] = FFN(d_model, num_experts * d_hidden).eval()
+        layers = {name: [module] + [copy.deepcopy(module) for _ in range(copies - 1)]
+                  for name, module in modules.items()}
         env = environment()
         bandwidth = read_bandwidth()
         expert_bytes = 3 * d_model * d_hidden * 4
@@ -138,12 +150,12 @@ def bench_decode(d_model: int = 512, d_hidden: int = 1024, num_experts: int = 8,
                 touched = int((modules["moe_ref"].last_routing.tokens_per_expert > 0).sum())
                 for _ in range(warmup):
                     for name in names:
-                        _time(modules[name], x, inner)
+                        _time(layers[name], x, inner)
                 times = {name: [] for name in names}
                 for rep in range(reps):
                     shift = rep % len(names)
                     for name in names[shift:] + names[:shift]:
-                        times[name].append(_time(modules[name], x, inner))
+                        times[name].append(_time(layers[name], x, inner))
                 nbytes = {"moe_ref": touched * expert_bytes + router_bytes,
                           "moe_ref_grouped": touched * expert_bytes + router_bytes,
                           "hf_eager": touched * expert_bytes + router_bytes,
@@ -164,7 +176,7 @@ def bench_decode(d_model: int = 512, d_hidden: int = 1024, num_experts: int = 8,
     finally:
         torch.set_num_threads(previous)
     config = dict(d_model=d_model, d_hidden=d_hidden, num_experts=num_experts, k=k, batches=list(batches),
-                  reps=reps, inner=inner, warmup=warmup, seed=seed, dtype="float32", device="cpu",
+                  reps=reps, inner=inner, warmup=warmup, copies=copies, seed=seed, dtype="float32", device="cpu",
                   mode="forward, no grad", candidates=names,
                   compared_with=other)
     return dict(config=config, env=env, bandwidth_gbs=bandwidth, rows=rows)
@@ -175,7 +187,8 @@ def format_decode(result: dict) -> str:
     c, env = result["config"], result["env"]
     names = c["candidates"]
     lines = [f"MoE layer at decode shapes, forward, float32: d_model={c['d_model']} d_hidden={c['d_hidden']} "
-             f"experts={c['num_experts']} k={c['k']}; {c['reps']} samples x {c['inner']} calls, interleaved",
+             f"experts={c['num_experts']} k={c['k']}; {c['reps']} samples x {c['inner']} calls, interleaved; "
+             + (f"{c['copies']} layer copies (cold weights)" if c.get("copies", 1) > 1 else "one layer (hot weights)"),
              f"torch {env['torch']}, transformers {env['transformers']}, {env['cpu']}, {env['threads']} "
              f"thread(s), load {env['load_average']} -> {env.get('load_average_after')}, read bandwidth "
              f"{result['bandwidth_gbs']:.1f} GB/s, {env['date']}",
@@ -206,6 +219,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=list(DECODE_BATCHES))
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--inner", type=int, default=10)
+    parser.add_argument("--copies", type=int, default=1,
+                        help="layer copies per candidate, run in turn (more than 1: weights come from memory)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--candidates", nargs="+", default=list(DECODE_CANDIDATES), choices=DECODE_CANDIDATES)
@@ -222,7 +237,7 @@ def run(args, argv) -> dict:
     start = time.perf_counter()
     result = bench_decode(args.d_model, args.d_hidden, args.experts, args.k, batches=tuple(args.batches),
                           reps=args.reps, inner=args.inner, threads=args.threads, seed=args.seed,
-                          candidates=tuple(args.candidates))
+                          candidates=tuple(args.candidates), copies=args.copies)
     print(format_decode(result))
     if args.json:
         argv = sys.argv[1:] if argv is None else argv

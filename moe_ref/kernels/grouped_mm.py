@@ -26,16 +26,21 @@ This is the semantics of ``torch.nn.functional.grouped_mm(x, w, offs=offsets)`` 
   supports float32, bfloat16 and float16 on the CPU and bfloat16 on CUDA (compute capability 8.0 or
   later); not float64. Problems with no rows, ``K = 0`` or ``N = 0`` go to the loop.
 
-The default backend is ``"triton"`` on a CUDA GPU of compute capability 8.0 or later (Ampere, Hopper) when
-``triton`` is installed and the dtype is float32, float16 or bfloat16; else ``"torch"`` where it supports the
-inputs, and ``"loop"`` elsewhere. On the CPU the default is never ``"triton"``. Backends are dispatched by
-name in :func:`grouped_mm`.
+The default backend follows from measurement, never from what a backend merely supports: it is the first
+row of :data:`DEFAULT_BACKENDS` that matches the device (and, on CUDA, the GPU's name) and the dtype, among
+backends that can run the inputs, and otherwise ``"torch"`` where it supports the inputs and ``"loop"``
+elsewhere. The table has no GPU row yet: the Triton kernel has not been timed on a GPU
+(``python -m moe_ref.bench gpu`` is the prepared check whose results would add one), so on a CUDA GPU the
+default is ``"torch"`` for bfloat16 and ``"loop"`` (cuBLAS per expert) for the other dtypes, and
+``"triton"`` runs only when asked for. A backend asked for by name that cannot run the dtype or device
+raises a ``ValueError`` naming the backend, the dtype and the device.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -69,13 +74,55 @@ def triton_backend_available(dtype: torch.dtype, device: torch.device | str) -> 
             and os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
+@dataclass(frozen=True)
+class MeasuredDefault:
+    """One row of :data:`DEFAULT_BACKENDS`: the backend measured fastest for a device, GPU and dtype.
+
+    Attributes:
+        device: ``"cpu"`` or ``"cuda"``.
+        gpu: a substring of the CUDA device's name (``"H100"``), or ``""`` for any device of its type.
+        dtype: the operand dtype.
+        backend: the backend chosen.
+        evidence: what was measured, with the command, the result and the date.
+    """
+
+    device: str
+    gpu: str
+    dtype: torch.dtype
+    backend: str
+    evidence: str
+
+
+#: The measured choices behind :func:`default_backend`, first match wins. A GPU row is added only from a run
+#: of ``python -m moe_ref.bench gpu`` (its ``summary`` suggests the row) that shows the backend at least as
+#: fast as ``"torch"`` on the shapes where it would be picked; none has run yet.
+DEFAULT_BACKENDS: tuple[MeasuredDefault, ...] = (
+    MeasuredDefault("cpu", "", torch.float32, "torch",
+                    "AMD EPYC, 2 threads, torch 2.13.0, 2026-11-29: one MoE layer forward+backward at d=512, "
+                    "h=1024, E=8, k=2, 2048 tokens took 242 ms with 'torch' and 310 ms with 'loop' "
+                    "(interleaved, median of 10)"),
+)
+
+
 def default_backend(dtype: torch.dtype, device: torch.device | str) -> str:
-    """The backend :func:`grouped_mm` uses when none is given (see the module docstring)."""
+    """The backend :func:`grouped_mm` uses when none is given: a measured choice (see the module docstring)."""
     device = torch.device(device)
-    if (device.type == "cuda" and triton_backend_available(dtype, device)
-            and torch.cuda.get_device_capability(device)[0] >= 8):
-        return "triton"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    for row in DEFAULT_BACKENDS:
+        if (row.device == device.type and row.gpu in name and row.dtype == dtype
+                and backend_supports(row.backend, dtype, device)):
+            return row.backend
     return "torch" if torch_backend_available(dtype, device) else "loop"
+
+
+def backend_supports(backend: str, dtype: torch.dtype, device: torch.device | str) -> bool:
+    """Whether ``backend`` can run operands of ``dtype`` on ``device`` (``"loop"``: any floating dtype)."""
+    check_backend(backend)
+    if backend == "triton":
+        return triton_backend_available(dtype, device)
+    if backend == "torch":
+        return torch_backend_available(dtype, device)
+    return dtype.is_floating_point
 
 
 def torch_backend_available(dtype: torch.dtype, device: torch.device | str) -> bool:
@@ -108,11 +155,10 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, *, backe
         ``[M, N]`` with the dtype of ``x``; differentiable in ``x`` and ``w``.
 
     Raises:
-        TypeError: ``x``, ``w`` or ``offsets`` of the wrong type or dtype, or the ``"torch"`` or
-            ``"triton"`` backend asked for operands it does not support.
-        RuntimeError: ``backend="triton"`` without ``triton`` installed, or on the CPU without Triton's
-            interpreter.
-        ValueError: wrong shapes, offsets that decrease or do not end at ``M``, an unknown backend.
+        TypeError: ``x``, ``w`` or ``offsets`` of the wrong type or dtype.
+        ValueError: wrong shapes, offsets that decrease or do not end at ``M``, an unknown backend, or a
+            backend asked for that cannot run the dtype or device (the message names all three; e.g.
+            ``"triton"`` without ``triton`` installed, or on the CPU without Triton's interpreter).
     """
     check_backend(backend)
     _check_inputs(x, w, offsets)
@@ -134,33 +180,36 @@ def grouped_mm_unchecked(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor
     """
     if backend is None:
         backend = default_backend(x.dtype, x.device)
+    elif not backend_supports(backend, x.dtype, x.device):
+        raise ValueError(unsupported_message(backend, x.dtype, x.device))
     if backend == "triton":
-        return _grouped_mm_triton(x, w, offsets)
+        from .triton_gmm import grouped_mm_triton  # noqa: PLC0415 (imports triton: only when asked for)
+        return grouped_mm_triton(x, w, offsets)
     if backend == "torch":
-        if not torch_backend_available(x.dtype, x.device):
-            raise TypeError(f"backend='torch' (torch.nn.functional.grouped_mm) does not support dtype "
-                            f"{x.dtype} on {x.device.type}; use backend='loop'")
         return _grouped_mm_torch(x, w, offsets)
     return _grouped_mm_loop(x, w, offsets)
 
 
-def _grouped_mm_triton(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """The ``"triton"`` backend; imports ``moe_ref.kernels.triton_gmm`` (and ``triton``) on first use."""
-    if not triton_installed():
-        raise RuntimeError("backend='triton' needs the triton package (pip install triton; Linux wheels), "
-                           "which is not installed; use backend='torch' or 'loop'")
-    if x.dtype not in _TRITON_DTYPES:
-        raise TypeError(f"backend='triton' supports float32, float16 and bfloat16, got dtype {x.dtype}; "
-                        f"use backend='loop'")
-    if x.device.type == "cpu" and x.dtype == torch.bfloat16:
-        raise TypeError("backend='triton' on the CPU (Triton's interpreter) does not support bfloat16: the "
-                        "interpreter's tl.dot gives wrong results for it; use float32 or float16, or a GPU")
-    if x.device.type != "cuda" and not triton_backend_available(x.dtype, x.device):
-        raise RuntimeError(f"backend='triton' runs on CUDA tensors, or on CPU tensors under Triton's interpreter "
-                           f"(set TRITON_INTERPRET=1 before importing moe_ref.kernels.triton_gmm); got {x.device.type} "
-                           f"tensors without it")
-    from .triton_gmm import grouped_mm_triton  # noqa: PLC0415 (imports triton: only when asked for)
-    return grouped_mm_triton(x, w, offsets)
+def unsupported_message(backend: str, dtype: torch.dtype, device: torch.device | str) -> str:
+    """Why ``backend`` cannot run ``dtype`` on ``device``, naming all three, and what can."""
+    device = torch.device(device)
+    if backend == "triton" and not triton_installed():
+        why = "the triton package is not installed (pip install triton; Linux wheels)"
+    elif backend == "triton" and device.type == "cpu" and dtype == torch.bfloat16:
+        why = "Triton's CPU interpreter gives wrong results for bfloat16 tl.dot"
+    elif backend == "triton" and device.type == "cpu" and dtype in _TRITON_DTYPES:
+        why = ("on the CPU it runs only under Triton's interpreter (TRITON_INTERPRET=1 set before "
+               "moe_ref.kernels.triton_gmm is imported)")
+    elif backend == "triton":
+        why = "it supports float32, float16 and bfloat16 on CUDA (float32 and float16 on the CPU's interpreter)"
+    elif backend == "torch":
+        why = ("torch.nn.functional.grouped_mm supports float32, bfloat16 and float16 on the CPU and bfloat16 on "
+               "CUDA (compute capability 8.0+)")
+    else:
+        why = "it takes floating-point operands"
+    message = f"backend={backend!r} cannot run dtype {dtype} on device {device.type}: {why}"
+    usable = default_backend(dtype, device) if dtype.is_floating_point else None
+    return message if usable in (None, backend) else f"{message}; use backend={usable!r} or None (the default)"
 
 
 def _check_inputs(x, w, offsets) -> None:

@@ -38,9 +38,12 @@ Both kernels are registered with ``torch.library`` (``moe_ref::grouped_mm_triton
 and ``torch.compile`` see one opaque operator.
 
 **Autotuning.** On a GPU the kernels are autotuned over a few tile shapes typical of Ampere/Hopper
-(128x128x64 with 4 or 8 warps, 3 or 4 pipeline stages, and smaller tiles for thin problems), keyed on
-``N`` and ``K``. Under Triton's CPU interpreter (``TRITON_INTERPRET=1``, which must be set before this
-module is imported) exactly one small configuration is used: the autotuner and ``do_bench`` need a driver.
+(128x128x64 with 4 or 8 warps, 3 or 4 pipeline stages, smaller tiles for thin problems, and 16- or 32-row
+tiles for decode), keyed on ``N``, ``K`` and ``M_BUCKET``, the power of two at or above the row count ``M``
+(capped at 65536): a decode step with a few rows and a prefill with thousands get their own tile choices,
+while nearby batch sizes share one tuning run. Under Triton's CPU interpreter (``TRITON_INTERPRET=1``, which
+must be set before this module is imported) exactly one small configuration is used: the autotuner and
+``do_bench`` need a driver. None of these choices has been timed on a GPU yet (chapter 6).
 
 This module imports ``triton`` at its top; :mod:`moe_ref.kernels.grouped_mm` imports it only when the ``"triton"``
 backend is asked for, or chosen by default on a CUDA GPU.
@@ -54,6 +57,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .grouped_mm import unsupported_message
+
 #: Whether the kernels below were defined for Triton's CPU interpreter (read once, at import).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -64,7 +69,8 @@ def _configs(kind: str) -> list:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1, num_stages=1)]
     # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); for dW, BLOCK_M is the row slice of the reduction
     shapes = [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
-              (64, 64, 64, 4, 4), (128, 64, 32, 4, 4), (64, 128, 32, 4, 5)]
+              (64, 64, 64, 4, 4), (128, 64, 32, 4, 4), (64, 128, 32, 4, 5),
+              (16, 128, 128, 4, 4), (32, 64, 128, 4, 4), (16, 64, 256, 4, 3)]  # the last three: decode
     if kind == "dw":
         shapes = [(64, 128, 128, 8, 3), (64, 128, 128, 4, 4), (32, 64, 64, 4, 4), (64, 64, 64, 4, 3),
                   (32, 128, 128, 8, 4)]
@@ -80,9 +86,14 @@ def _group_bounds(offs_ptr, expert):
     return start, end
 
 
-@triton.autotune(configs=_configs("fwd"), key=["N", "K"])
+def m_bucket(rows: int) -> int:
+    """The autotuning key's row count: the power of two at or above ``rows``, between 1 and 65536."""
+    return min(triton.next_power_of_2(max(int(rows), 1)), 1 << 16)
+
+
+@triton.autotune(configs=_configs("fwd"), key=["N", "K", "M_BUCKET"])
 @triton.jit
-def _gmm_kernel(x_ptr, w_ptr, y_ptr, offs_ptr, gather_ptr, N, K, E,
+def _gmm_kernel(x_ptr, w_ptr, y_ptr, offs_ptr, gather_ptr, N, K, E, M_BUCKET,
                 stride_xm, stride_xk, stride_we, stride_wk, stride_wn,
                 stride_ym, stride_yn,
                 HAS_GATHER: tl.constexpr, E_POW2: tl.constexpr, PRECISION: tl.constexpr,
@@ -139,9 +150,9 @@ def _gmm_kernel(x_ptr, w_ptr, y_ptr, offs_ptr, gather_ptr, N, K, E,
              mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.autotune(configs=_configs("dw"), key=["N", "K"])
+@triton.autotune(configs=_configs("dw"), key=["N", "K", "M_BUCKET"])
 @triton.jit
-def _gmm_dw_kernel(x_ptr, dy_ptr, dw_ptr, offs_ptr, gather_ptr, N, K,
+def _gmm_dw_kernel(x_ptr, dy_ptr, dw_ptr, offs_ptr, gather_ptr, N, K, M_BUCKET,
                    stride_xm, stride_xk, stride_dym, stride_dyn,
                    stride_we, stride_wk, stride_wn,
                    HAS_GATHER: tl.constexpr, PRECISION: tl.constexpr,
@@ -200,7 +211,7 @@ def _launch_fwd(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, gather:
         row_tiles = triton.cdiv(M, meta["BLOCK_M"]) + E  # upper bound: one partial tile per expert
         return (row_tiles * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    _gmm_kernel[grid](x, w, y, offsets, gather if gather is not None else offsets, N, K, E,
+    _gmm_kernel[grid](x, w, y, offsets, gather if gather is not None else offsets, N, K, E, m_bucket(M),
                       x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), y.stride(0), y.stride(1),
                       HAS_GATHER=gather is not None, E_POW2=triton.next_power_of_2(E),
                       PRECISION=_precision(x.dtype))
@@ -220,7 +231,7 @@ def _launch_dw(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor, gather:
     def grid(meta):
         return (num_experts, triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(N, meta["BLOCK_N"]))
 
-    _gmm_dw_kernel[grid](x, dy, dw, offsets, gather if gather is not None else offsets, N, K,
+    _gmm_dw_kernel[grid](x, dy, dw, offsets, gather if gather is not None else offsets, N, K, m_bucket(dy.shape[0]),
                          x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
                          dw.stride(0), dw.stride(1), dw.stride(2),
                          HAS_GATHER=gather is not None, PRECISION=_precision(x.dtype))
@@ -300,22 +311,19 @@ def grouped_mm_triton(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
         scattered back through ``gather_indices``).
 
     Raises:
-        TypeError: a dtype the kernel does not take, or mismatched dtypes.
-        ValueError: tensors on different devices, or CPU tensors without the interpreter.
+        TypeError: mismatched dtypes.
+        ValueError: tensors on different devices, or a dtype or device the kernels cannot run (float64; CPU
+            tensors without the interpreter, or bfloat16 ones with it); the message names the dtype and device.
     """
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"backend='triton' supports float32, float16 and bfloat16, got {x.dtype}")
     if w.dtype != x.dtype:
         raise TypeError(f"x and w must have the same dtype, got x {x.dtype} and w {w.dtype}")
     if len({x.device, w.device, offsets.device}) != 1 or (
             gather_indices is not None and gather_indices.device != x.device):
         raise ValueError("x, w, offsets (and gather_indices) must be on the same device")
-    if x.device.type == "cpu" and x.dtype == torch.bfloat16:
-        raise TypeError("Triton's interpreter gives wrong results for bfloat16 tl.dot; on the CPU use float32 "
-                        "or float16")
-    if x.device.type != "cuda" and not (INTERPRET and x.device.type == "cpu"):
-        raise ValueError(f"backend='triton' runs on CUDA tensors, or on CPU tensors under Triton's interpreter "
-                         f"(TRITON_INTERPRET=1 set before moe_ref.kernels.triton_gmm is imported); got {x.device.type}")
+    supported = x.dtype in (torch.float32, torch.float16, torch.bfloat16) and (
+        x.device.type == "cuda" or (INTERPRET and x.device.type == "cpu" and x.dtype != torch.bfloat16))
+    if not supported:
+        raise ValueError(unsupported_message("triton", x.dtype, x.device))
     offsets = offsets.to(torch.int32)
     if gather_indices is not None:
         gather_indices = gather_indices.to(torch.int32)
