@@ -65,14 +65,16 @@ def test_training_targets_on_hand_made_numbers():
     from moe_ref.book.layer_bench import format_targets, training_targets
 
     def result(**ms):
-        return {"results": {name: {"median_ms": v, "ratio": v / ms["moe_ref"]} for name, v in ms.items()}}
+        return {"results": {name: {"median_ms": v, "min_ms": v - 10, "ratio": v / ms["moe_ref"]}
+                            for name, v in ms.items()}}
 
     t = training_targets(result(moe_ref=105.0, dense=100.0, hf_eager=150.0, hf_grouped_mm=110.0))
     assert t["vs_dense"] == pytest.approx(1.05) and t["dense_met"]
     assert t["best_hf"] == "hf_grouped_mm" and t["vs_hf"] == pytest.approx(105 / 110) and t["hf_met"]
+    assert t["vs_dense_min"] == pytest.approx(95 / 90) and t["vs_hf_min"] == pytest.approx(95 / 100)
     t = training_targets(result(moe_ref=111.0, dense=100.0, hf_grouped_mm=100.0))
     assert not t["dense_met"] and not t["hf_met"]
-    assert "1.110 (target <= 1.10: not met)" in format_targets(t)
+    assert "1.110 (target <= 1.10: not met); fastest repetitions: 1.122" in format_targets(t)
 
 
 def test_profile_groups_sum_to_the_wall_time():
