@@ -46,9 +46,10 @@ def test_cli_writes_json(tmp_path, capsys):
     main(["layer", "--d-model", "16", "--d-hidden", "32", "--experts", "4", "--tokens", "16", "--reps", "1",
           "--warmup", "0", "--threads", "1", "--candidates", "moe_ref", "dense", "--runs", "2",
           "--decode-batches", "1", "4", "--decode-copies", "2", "--decode-reps", "1", "--profile",
-          "--json", str(path)])
+          "--malloc", "system", "--json", str(path)])
     data = json.loads(path.read_text())
     assert data["experiment"] == "layer_bench" and data["provenance"]["command"].startswith("python -m moe_ref")
+    assert data["malloc"].startswith("system")
     assert len(data["runs"]) == 2
     for run in data["runs"]:
         assert list(run["results"]) == ["moe_ref", "dense"] and run["env"]["threads"] == 1
@@ -109,3 +110,15 @@ def test_bad_arguments():
         bench_layer(**TINY, candidates=("moe_ref", "megablocks"))
     with pytest.raises(ValueError, match="reps must be"):
         bench_layer(**{**TINY, "reps": 0})
+
+
+def test_keep_freed_memory_in_a_fresh_process():
+    # it changes the allocator of the process for good, so it runs in its own
+    code = "from moe_ref.book.layer_bench import keep_freed_memory; print(keep_freed_memory())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0
+    last = done.stdout.strip().splitlines()[-1]
+    if sys.platform.startswith("linux"):  # glibc
+        assert last == "keep: mallopt M_MMAP_THRESHOLD=32 MiB, M_TRIM_THRESHOLD=2 GiB"
+    else:
+        assert last.startswith(("keep", "unchanged"))

@@ -113,6 +113,15 @@ def _hf_variant(block, implementation: str):
     return variant
 
 
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (memory the OS maps in on first touch); 0 where unknown."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def _step(module, x, grad_out) -> torch.Tensor:
     """One forward + backward; returns the output (detached)."""
     x.grad = None
@@ -144,9 +153,10 @@ def bench_layer(d_model: int = 512, d_hidden: int = 1024, num_experts: int = 8, 
     Returns:
         The measurements, with keys ``config`` (the arguments), ``env`` (:func:`environment`, with the load
         average also taken after the run in ``load_average_after``), ``results`` ``{name: {"median_ms",
-        "min_ms", "times_ms", "ratio", "max_abs_diff"}}`` (``ratio`` is the median over ``moe_ref``'s;
-        ``max_abs_diff`` compares the output with ``moe_ref``'s, ``None`` for ``dense``, whose function
-        differs).
+        "min_ms", "times_ms", "ratio", "max_abs_diff", "page_faults"}}`` (``ratio`` is the median over
+        ``moe_ref``'s; ``max_abs_diff`` compares the output with ``moe_ref``'s, ``None`` for ``dense``, whose
+        function differs; ``page_faults`` is the median number of minor page faults in one timed step: fresh
+        memory the OS maps in, which the allocator's policy decides).
     """
     from ..hf import from_hf
 
@@ -181,12 +191,15 @@ def bench_layer(d_model: int = 512, d_hidden: int = 1024, num_experts: int = 8, 
             for name in names:
                 outputs[name] = _step(modules[name], x, grad_out)
         times = {name: [] for name in names}
+        faults = {name: [] for name in names}
         for rep in range(reps):
             shift = rep % len(names)
             for name in names[shift:] + names[:shift]:  # rotate who goes first
+                faults_before = _minor_faults()
                 start = time.perf_counter()
                 outputs[name] = _step(modules[name], x, grad_out)
                 times[name].append((time.perf_counter() - start) * 1e3)
+                faults[name].append(_minor_faults() - faults_before)
         env["load_average_after"] = _load_average()
     finally:
         torch.set_num_threads(previous_threads)
@@ -196,7 +209,8 @@ def bench_layer(d_model: int = 512, d_hidden: int = 1024, num_experts: int = 8, 
         median = statistics.median(times[name])
         diff = None if name == "dense" else float((outputs[name] - outputs["moe_ref"]).abs().max())
         results[name] = dict(median_ms=median, min_ms=min(times[name]), times_ms=times[name],
-                             ratio=median / reference, max_abs_diff=diff)
+                             ratio=median / reference, max_abs_diff=diff,
+                             page_faults=statistics.median(faults[name]))
     config = dict(d_model=d_model, d_hidden=d_hidden, num_experts=num_experts, k=k, tokens=tokens, reps=reps,
                   warmup=warmup, seed=seed, dtype="float32", device="cpu", mode="forward+backward")
     return dict(config=config, env=env, results=results)
@@ -210,10 +224,12 @@ def format_layer(result: dict) -> str:
              f"{c['warmup']} warmup, interleaved",
              f"torch {env['torch']}, transformers {env['transformers']}, {env['cpu']}, {env['threads']} threads, "
              f"load average {env['load_average']} -> {env.get('load_average_after')}, {env['date']}",
-             f"{'candidate':<16}{'median ms':>11}{'min ms':>10}{'x moe_ref':>11}{'max |diff|':>12}"]
+             f"{'candidate':<16}{'median ms':>11}{'min ms':>10}{'x moe_ref':>11}{'max |diff|':>12}"
+             f"{'page faults':>13}"]
     for name, r in result["results"].items():
         diff = "-" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.1e}"
-        lines.append(f"{name:<16}{r['median_ms']:>11.2f}{r['min_ms']:>10.2f}{r['ratio']:>11.3f}{diff:>12}")
+        lines.append(f"{name:<16}{r['median_ms']:>11.2f}{r['min_ms']:>10.2f}{r['ratio']:>11.3f}{diff:>12}"
+                     f"{r.get('page_faults', 0):>13.0f}")
     return "\n".join(lines)
 
 

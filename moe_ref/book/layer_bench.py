@@ -14,12 +14,24 @@ Three parts, each against its peers on the same weights:
 3. **profile** (``--profile``, :mod:`moe_ref.book.layer_profile`): the training step's time by operator group,
    for ``moe_ref`` and the dense FFN.
 
+**The allocator.** PyTorch's CPU tensors come from the C library's ``malloc``. With glibc's default
+policy, memory freed at the end of a step may be returned to the operating system and mapped in again, page
+by page, on first touch in the next step; how much depends on the process's peak and on what ran before.
+Interleaved with its peers, the MoE layer's training step pays about 2,000 such minor page faults (8 MiB) per
+step where the dense FFN pays none (the ``page faults`` column), a few percent of its time that says nothing
+about its arithmetic. ``--malloc keep`` (the default) therefore sets glibc's ``M_MMAP_THRESHOLD`` (32 MiB)
+and ``M_TRIM_THRESHOLD`` (2 GiB) with ``mallopt`` before timing, so that freed memory is kept for reuse, as
+jemalloc or tcmalloc (the allocators PyTorch's CPU tuning guide recommends) do; every candidate runs under the
+same setting. ``--malloc system`` leaves glibc's policy alone. The record says which was used.
+
 With ``--json PATH`` the record is written with its provenance (command, commit, versions, CPU, threads,
 date, wall time), as the book's results files are.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import shlex
 import sys
 import time
@@ -53,6 +65,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--decode-reps", type=int, default=10)
     parser.add_argument("--decode-threads", type=int, default=1)
     parser.add_argument("--profile", action="store_true", help="also profile the training step by operator group")
+    parser.add_argument("--malloc", choices=("keep", "system"), default="keep",
+                        help="keep: glibc keeps freed memory for reuse (mallopt); system: glibc's defaults")
     parser.add_argument("--json", metavar="PATH", default=None, help="also write the record, with provenance")
 
 
@@ -91,6 +105,23 @@ def format_targets(targets: dict) -> str:
     return "\n".join(lines)
 
 
+def keep_freed_memory() -> str:
+    """Make glibc's ``malloc`` keep freed memory for reuse (see the module docstring); for this process, for good.
+
+    Returns:
+        What was set, or why nothing was (not glibc, or ``mallopt`` refused).
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError, TypeError):
+        return f"unchanged: no mallopt in the C library ({name})"
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+    if mallopt(M_MMAP_THRESHOLD, 32 << 20) != 1 or mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1) != 1:
+        return "unchanged: mallopt refused the settings"
+    return "keep: mallopt M_MMAP_THRESHOLD=32 MiB, M_TRIM_THRESHOLD=2 GiB"
+
+
 def _fastest(ratio) -> str:
     return "" if ratio is None else f"; fastest repetitions: {ratio:.3f}"
 
@@ -103,6 +134,8 @@ def run(args, argv) -> dict:
     if args.runs < 1:
         raise ValueError(f"--runs must be >= 1, got {args.runs}")
     start = time.perf_counter()
+    malloc = keep_freed_memory() if args.malloc == "keep" else "system: glibc's default policy"
+    print(f"allocator: {malloc}", flush=True)
     runs = []
     for index in range(args.runs):
         result = bench_layer(args.d_model, args.d_hidden, args.experts, args.k, args.tokens, reps=args.reps,
@@ -125,13 +158,13 @@ def run(args, argv) -> dict:
                                               seed=args.seed)
         print(f"--- profile (forward+backward, self time by operator group)\n"
               f"{layer_profile.format_profile(profile)}", flush=True)
-    record = dict(schema=1, experiment="layer_bench", runs=runs, decode=decode, profile=profile)
+    record = dict(schema=1, experiment="layer_bench", malloc=malloc, runs=runs, decode=decode, profile=profile)
     if args.json:
         argv = sys.argv[1:] if argv is None else argv
         command = "python -m moe_ref.bench " + " ".join(shlex.quote(a) for a in argv)
         record = dict(schema=1, experiment="layer_bench",
                       provenance=provenance(command, time.perf_counter() - start, "cpu"),
-                      runs=runs, decode=decode, profile=profile)
+                      malloc=malloc, runs=runs, decode=decode, profile=profile)
         with open(args.json, "w") as f:
             f.write(dumps(record))
         print(f"wrote {args.json}")
