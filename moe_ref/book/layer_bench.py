@@ -16,10 +16,11 @@ Three parts, each against its peers on the same weights:
 
 **The allocator.** PyTorch's CPU tensors come from the C library's ``malloc``. With glibc's default
 policy, memory freed at the end of a step may be returned to the operating system and mapped in again, page
-by page, on first touch in the next step; how much depends on the process's peak and on what ran before.
-Interleaved with its peers, the MoE layer's training step pays about 2,000 such minor page faults (8 MiB) per
-step where the dense FFN pays none (the ``page faults`` column), a few percent of its time that says nothing
-about its arithmetic. ``--malloc keep`` (the default) therefore sets glibc's ``M_MMAP_THRESHOLD`` (32 MiB)
+by page, on first touch in the next step; how much, and for which candidate, depends on the process's
+history. In our interleaved runs one candidate or another paid 2,000 to 3,000 such minor page faults (8 to 11
+MiB) per step while the others paid none (the ``page faults`` column): the MoE layer in one process, the
+dense FFN in the next. That is a few percent of a step's time that says nothing about either layer's
+arithmetic. ``--malloc keep`` (the default) therefore sets glibc's ``M_MMAP_THRESHOLD`` (32 MiB)
 and ``M_TRIM_THRESHOLD`` (2 GiB) with ``mallopt`` before timing, so that freed memory is kept for reuse, as
 jemalloc or tcmalloc (the allocators PyTorch's CPU tuning guide recommends) do; every candidate runs under the
 same setting. ``--malloc system`` leaves glibc's policy alone. The record says which was used.
