@@ -99,6 +99,16 @@ def test_profile_groups_sum_to_the_wall_time():
         profile_step(Gather(), x, x, steps=0)
 
 
+def test_profile_layer_reports_the_median_round():
+    from moe_ref.book.layer_profile import profile_layer
+
+    result = profile_layer(16, 32, 4, 2, 16, steps=1, rounds=3)
+    for p in result["profiles"].values():
+        assert len(p["round_wall_ms"]) == 3 and p["wall_ms"] == sorted(p["round_wall_ms"])[1]
+    with pytest.raises(ValueError, match="rounds"):
+        profile_layer(16, 32, 4, 2, 16, rounds=0)
+
+
 def test_module_entry_point():
     # ``python -m moe_ref.bench`` is the command line of moe_ref.book.bench
     done = subprocess.run([sys.executable, "-m", "moe_ref.bench", "layer", "--help"], capture_output=True, text=True)

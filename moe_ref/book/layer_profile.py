@@ -86,15 +86,18 @@ def profile_step(module, x: torch.Tensor, grad_out: torch.Tensor, steps: int = 3
 
 
 def profile_layer(d_model: int = 512, d_hidden: int = 1024, num_experts: int = 8, k: int = 2, tokens: int = 2048,
-                  *, steps: int = 3, seed: int = 0) -> dict:
+                  *, steps: int = 3, rounds: int = 5, seed: int = 0) -> dict:
     """:func:`profile_step` of the benchmark's ``moe_ref`` layer and of the dense FFN of equal active FLOPs.
 
     The layers are those of :func:`~moe_ref.book.bench.bench_layer` (an :class:`~moe_ref.moe.MoE` built from a
     seeded ``transformers`` Mixtral block, and a SwiGLU :class:`~moe_ref.ffn.FFN` of width ``k * d_hidden``),
-    on one sequence ``[1, tokens, d_model]`` in float32, with the gradient of the input too.
+    on one sequence ``[1, tokens, d_model]`` in float32, with the gradient of the input too. Each of
+    ``rounds`` rounds profiles both, in turn; each layer's reported profile is its round of median wall time,
+    so that a slow spell of a shared machine during one round does not decide the split.
 
     Returns:
-        ``{"config", "profiles": {"moe_ref": ..., "dense": ...}}``.
+        ``{"config", "profiles": {"moe_ref": ..., "dense": ...}}``; each profile also has ``round_wall_ms``,
+        every round's wall time.
     """
     from ..ffn import FFN
     from ..hf import from_hf
@@ -105,9 +108,20 @@ def profile_layer(d_model: int = 512, d_hidden: int = 1024, num_experts: int = 8
                "dense": FFN(d_model, k * d_hidden)}
     x = torch.randn(1, tokens, d_model, requires_grad=True)
     grad_out = torch.randn(1, tokens, d_model)
-    profiles = {name: profile_step(module, x, grad_out, steps=steps) for name, module in modules.items()}
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
+    every = {name: [] for name in modules}
+    for _ in range(rounds):
+        for name, module in modules.items():
+            every[name].append(profile_step(module, x, grad_out, steps=steps))
+    profiles = {}
+    for name, found in every.items():
+        walls = [p["wall_ms"] for p in found]
+        median_round = sorted(range(rounds), key=walls.__getitem__)[(rounds - 1) // 2]
+        profiles[name] = dict(found[median_round], round_wall_ms=walls)
     config = dict(d_model=d_model, d_hidden=d_hidden, num_experts=num_experts, k=k, tokens=tokens, steps=steps,
-                  seed=seed, threads=torch.get_num_threads(), dtype="float32", mode="forward+backward")
+                  rounds=rounds, seed=seed, threads=torch.get_num_threads(), dtype="float32",
+                  mode="forward+backward")
     return dict(config=config, profiles=profiles)
 
 
