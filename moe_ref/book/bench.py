@@ -35,7 +35,8 @@ default backend. ``--dry-run`` checks its plumbing on the CPU with tiny shapes i
 
 Example::
 
-    python -m moe_ref.bench layer --runs 2 --reps 20 --profile --json chapters/data/layer_bench.json
+    python -m moe_ref.bench layer --runs 2 --reps 20 --profile \\
+        --json chapters/data/layer_bench.json
     python -m moe_ref.bench gmm --json gmm.json --plot gmm.png \\
         --peak-tflops 989 --peak-bandwidth 4.8
     python -m moe_ref.bench gpu --out chapters/data/gpu_results.json

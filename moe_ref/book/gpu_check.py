@@ -77,11 +77,13 @@ BUDGETS_S = {"correctness": 140.0, "gmm": 120.0, "layer": 60.0, "nbval": 100.0}
 #: The whole GPU check's budget, seconds (the sections' sum; a measurement under way is not interrupted, so
 #: the run may exceed it by the longest single measurement).
 TOTAL_BUDGET_S = 420.0
-#: Budgets of the dry run (seconds): generous for its tiny shapes, which take a few seconds in all.
+#: Budgets of the dry run in seconds, generous for its tiny shapes, which take a few seconds in all.
 DRY_BUDGETS_S = {"correctness": 30.0, "gmm": 30.0, "layer": 30.0, "nbval": 30.0}
 #: Largest accepted ``max |out - ref| / max |ref|`` per dtype (float32 products are IEEE, not TF32).
 TOLERANCES = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
-#: The notebooks of the ``nbval`` section.
+#: The notebooks of the ``nbval`` section, chapters 5 and 6.
+#:
+#: :meta hide-value:
 NOTEBOOKS = ("chapters/05_dispatch_fast.ipynb", "chapters/06_triton_grouped_gemm.ipynb")
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -89,7 +91,7 @@ _DTYPE_ORDER = (torch.bfloat16, torch.float16, torch.float32)
 _BF16_INTERPRETER = "Triton's CPU interpreter gives wrong results for bfloat16 tl.dot; bfloat16 is checked on a GPU"
 _REPO = Path(__file__).resolve().parents[2]
 
-#: Correctness problems on the GPU: ``(name, shape class, tokens, k, experts, d_model, d_ff)``; the decode
+#: Correctness problems on the GPU, as ``(name, shape class, tokens, k, experts, d_model, d_ff)``; the decode
 #: problems give ``tokens`` rows in all (``k = 1``: M = 1 .. 64 rows over 64 experts).
 GPU_CASES = (
     *((f"decode-M{m}", "decode", m, 1, 64, 2048, 1408) for m in (1, 2, 8, 32, 64)),
@@ -107,11 +109,11 @@ DRY_CASES = (
 GPU_GMM_SHAPES = ("mixtral-8x7b", "fine-grained-64x8", "fine-grained-256x8", "mixtral-decode-32")
 #: The dry run's tiny ``gmm`` shape (same layout as :data:`~moe_ref.book.bench.GMM_SHAPES`).
 DRY_GMM_SHAPES = {"tiny-mixtral": dict(tokens=8, k=2, experts=8, d_model=32, d_ff=48)}
-#: The layer comparison: shape, and runs ``(label, tokens, mode)``; decode inputs are ``[B, 1, d_model]``.
+#: The layer comparison, its shape and runs ``(label, tokens, mode)``; decode inputs are ``[B, 1, d_model]``.
 GPU_LAYER = dict(d_model=4096, d_hidden=14336, num_experts=8, k=2, reps=10, warmup=2,
                  runs=(("prefill", 2048, "forward"), ("prefill", 2048, "forward+backward"),
                        ("decode", 1, "forward"), ("decode", 64, "forward")))
-#: The dry run's layer comparison: tiny, float32 on the CPU, same layout as :data:`GPU_LAYER`.
+#: The dry run's layer comparison, tiny, float32 on the CPU, same layout as :data:`GPU_LAYER`.
 DRY_LAYER = dict(d_model=16, d_hidden=32, num_experts=4, k=2, reps=2, warmup=1,
                  runs=(("prefill", 32, "forward"), ("prefill", 32, "forward+backward"),
                        ("decode", 1, "forward"), ("decode", 4, "forward")))
@@ -209,7 +211,7 @@ def check_problem(problem: dict, dtype: torch.dtype, backend: str, device: str |
         seed: the inputs' random generator.
 
     Returns:
-        The record: the problem's keys, ``dtype``, ``backend``, ``errors`` ``{"out", "dx", "dw"}`` (relative
+        The record of the problem's keys, ``dtype``, ``backend``, ``errors`` ``{"out", "dx", "dw"}`` (relative
         errors, :func:`relative_error`), ``max_rel_err``, ``tol`` (:data:`TOLERANCES`), ``passed``,
         ``empty_groups`` and ``seconds``.
     """
@@ -398,6 +400,7 @@ def summarize_gmm(rows: list[dict]) -> dict:
         rows: ``bench_gmm`` result rows (``shape``, ``projection``, ``candidate``, ``mode``, ``ms``).
 
     Returns:
+        The summary, a dict
         ``{"shapes": {shape: {"modes": {mode: {"triton_over_torch", "triton_over_dense", "triton_over_loop"}},
         "default_backend"}}, "default_backend"}``. A ratio is the other candidate's total time over the
         projections divided by triton's: triton's TFLOP/s over the other's, above 1 when triton is faster;

@@ -39,7 +39,7 @@ import time
 
 from . import decode_bench, layer_profile
 
-#: The targets of issue #13 on the CPU: moe_ref over the dense FFN (training), and over the best transformers.
+#: The targets of issue #13 on the CPU, moe_ref's time over the dense FFN's and over the best transformers'.
 DENSE_TARGET, HF_TARGET = 1.10, 1.00
 #: The decode candidates the layer command times.
 DECODE_CANDIDATES = ("moe_ref", "hf_eager", "hf_grouped_mm", "dense_active")
