@@ -107,9 +107,9 @@ DEFAULT_BACKENDS: tuple[MeasuredDefault, ...] = (
 def default_backend(dtype: torch.dtype, device: torch.device | str) -> str:
     """The backend :func:`grouped_mm` uses when none is given: a measured choice (see the module docstring)."""
     device = torch.device(device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     for row in DEFAULT_BACKENDS:
-        if (row.device == device.type and row.gpu in name and row.dtype == dtype
+        if (row.device == device.type and row.dtype == dtype
+                and (not row.gpu or row.gpu in torch.cuda.get_device_name(device))
                 and backend_supports(row.backend, dtype, device)):
             return row.backend
     return "torch" if torch_backend_available(dtype, device) else "loop"
