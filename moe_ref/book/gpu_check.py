@@ -340,7 +340,7 @@ def perf_counter_ms(fn, *, reps: int = 2, warmup: int = 1, device: str | torch.d
 
 
 def _reset_autotune() -> None:
-    """Forget the Triton kernels' autotuned tiles (keyed on ``(N, K)`` only, not on the row count)."""
+    """Forget the Triton kernels' autotuned tiles, so that each shape tunes its own whatever ran before it."""
     module = sys.modules.get("moe_ref.kernels.triton_gmm")
     for name in ("_gmm_kernel", "_gmm_dw_kernel"):
         cache = getattr(getattr(module, name, None), "cache", None)
