@@ -114,6 +114,17 @@ def _hf_variant(block, implementation: str):
     return variant
 
 
+def rotations(names: list[str], reps: int):
+    """Each repetition's running order, ``(rep, names)``: the list rotated by one more place each time.
+
+    Timing every candidate once per repetition in this order means a slow spell of a shared machine hits all
+    of them, and none always runs first (right after another candidate evicted its data from the caches).
+    """
+    for rep in range(reps):
+        shift = rep % len(names)
+        yield rep, names[shift:] + names[:shift]
+
+
 def _minor_faults() -> int:
     """Minor page faults of this process so far (memory the OS maps in on first touch); 0 where unknown."""
     try:
@@ -193,9 +204,8 @@ def bench_layer(d_model: int = 512, d_hidden: int = 1024, num_experts: int = 8, 
                 outputs[name] = _step(modules[name], x, grad_out)
         times = {name: [] for name in names}
         faults = {name: [] for name in names}
-        for rep in range(reps):
-            shift = rep % len(names)
-            for name in names[shift:] + names[:shift]:  # rotate who goes first
+        for _, order in rotations(names, reps):
+            for name in order:
                 faults_before = _minor_faults()
                 start = time.perf_counter()
                 outputs[name] = _step(modules[name], x, grad_out)

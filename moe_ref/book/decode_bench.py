@@ -102,7 +102,7 @@ def bench_decode(d_model: int = 512, d_hidden: int = 1024, num_experts: int = 8,
     """
     from ..losses import AuxLossConfig
     from ..moe import MoE
-    from .bench import _load_average, environment
+    from .bench import _load_average, environment, rotations
 
     unknown = set(candidates) - set(DECODE_CANDIDATES)
     if unknown:
@@ -152,9 +152,8 @@ def bench_decode(d_model: int = 512, d_hidden: int = 1024, num_experts: int = 8,
                     for name in names:
                         _time(layers[name], x, inner)
                 times = {name: [] for name in names}
-                for rep in range(reps):
-                    shift = rep % len(names)
-                    for name in names[shift:] + names[:shift]:
+                for _, order in rotations(names, reps):
+                    for name in order:
                         times[name].append(_time(layers[name], x, inner))
                 nbytes = {"moe_ref": touched * expert_bytes + router_bytes,
                           "moe_ref_grouped": touched * expert_bytes + router_bytes,

@@ -478,7 +478,7 @@ def compare_layer(d_model: int, d_hidden: int, num_experts: int, k: int, runs: t
     from ..hf import from_hf
     from ..kernels.grouped_mm import default_backend, torch_backend_available, triton_backend_available
     from ..ffn import FFN
-    from .bench import _hf_variant, _mixtral_block, _step
+    from .bench import _hf_variant, _mixtral_block, _step, rotations
 
     for _, tokens, mode in runs:
         if mode not in ("forward", "forward+backward"):
@@ -538,11 +538,10 @@ def compare_layer(d_model: int, d_hidden: int, num_experts: int, k: int, runs: t
             for name in names:
                 sample(name)
         times = {name: [] for name in names}
-        for rep in range(reps):
+        for rep, order in rotations(names, reps):
             if rep and deadline is not None and time.perf_counter() > deadline:
                 break
-            shift = rep % len(names)
-            for name in names[shift:] + names[:shift]:
+            for name in order:
                 times[name].append(sample(name)[0])
         reference = statistics.median(times["moe_ref"])
         scale = float(outputs["moe_ref"].float().abs().max()) or 1.0

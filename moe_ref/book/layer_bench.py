@@ -163,9 +163,8 @@ def run(args, argv) -> dict:
     if args.json:
         argv = sys.argv[1:] if argv is None else argv
         command = "python -m moe_ref.bench " + " ".join(shlex.quote(a) for a in argv)
-        record = dict(schema=1, experiment="layer_bench",
-                      provenance=provenance(command, time.perf_counter() - start, "cpu"),
-                      malloc=malloc, runs=runs, decode=decode, profile=profile)
+        record = {"schema": 1, "experiment": "layer_bench",
+                  "provenance": provenance(command, time.perf_counter() - start, "cpu"), **record}
         with open(args.json, "w") as f:
             f.write(dumps(record))
         print(f"wrote {args.json}")

@@ -41,13 +41,6 @@ def _group(op_name: str) -> str:
     return "other ops"
 
 
-def _step(module, x, grad_out) -> None:
-    x.grad = None
-    for p in module.parameters():
-        p.grad = None
-    module(x).backward(grad_out)
-
-
 def profile_step(module, x: torch.Tensor, grad_out: torch.Tensor, steps: int = 3, warmup: int = 1) -> dict:
     """Milliseconds per forward + backward step of ``module`` on ``x``, by operator group.
 
@@ -63,6 +56,8 @@ def profile_step(module, x: torch.Tensor, grad_out: torch.Tensor, steps: int = 3
         :data:`GROUP_ORDER` and sums to ``wall_ms``; ``ops`` lists the operators' self times (ms, ``aten::``
         prefix removed), largest first.
     """
+    from .bench import _step  # the benchmarks' training step (bench imports this module: a late import)
+
     for name, value, minimum in (("steps", steps, 1), ("warmup", warmup, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
