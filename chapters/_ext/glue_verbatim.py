@@ -18,8 +18,9 @@ _format_plain_text = variables.format_plain_text
 
 
 def format_plain_text(text: str, fmt_spec: str) -> str:
-    """The stored text itself without a format spec; myst-nb's formatting with one."""
-    return text if fmt_spec == "" else _format_plain_text(text, fmt_spec)
+    """The stored text itself without a format spec (the role's default is ``"s"``); myst-nb's formatting with
+    one."""
+    return text if fmt_spec in ("", "s") else _format_plain_text(text, fmt_spec)
 
 
 def setup(app):
